@@ -1,0 +1,253 @@
+"""The `doppel` command line.
+
+Heavy imports (Prefect, FastAPI, datasets) happen inside the commands that need them,
+so `doppel --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from doppel.config import Settings, get_settings
+from doppel.errors import DoppelError
+from doppel.progress import console
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="DoppelBot: learn how a person writes on Slack and answer in their voice.",
+)
+ingest_app = typer.Typer(no_args_is_help=True, help="Bring Slack messages into the store.")
+dataset_app = typer.Typer(no_args_is_help=True, help="Turn a user's conversations into samples.")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(dataset_app, name="dataset")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line.")]
+WorkspaceOption = Annotated[
+    str | None, typer.Option("--workspace", help="Workspace id or name (needed when several).")
+]
+
+
+def main() -> None:
+    """Console entry point: user-facing errors print as one line, not a traceback."""
+    try:
+        app()
+    except DoppelError as error:
+        console.print(f"[bold red]error:[/] {error.message}")
+        if error.hint:
+            console.print(f"[yellow]hint:[/] {error.hint}")
+        sys.exit(1)
+
+
+def _emit(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+def _database(settings: Settings):  # noqa: ANN202 - avoids importing SQLAlchemy for --help
+    from doppel.store.database import Database
+
+    return Database(settings.db_url)
+
+
+def _prefect_env(settings: Settings) -> None:
+    """Keep Prefect's state under DOPPEL_HOME and off the network, unless configured."""
+    os.environ.setdefault("PREFECT_HOME", str((settings.home / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+# -- ingest -------------------------------------------------------------------------
+
+
+@ingest_app.command("export")
+def ingest_export(
+    path: Annotated[Path, typer.Argument(help="Slack export .zip or unzipped folder.")],
+    workspace: Annotated[
+        str | None, typer.Option(help="Workspace id (team_id) when the export lacks one.")
+    ] = None,
+    include_private: Annotated[
+        bool, typer.Option(help="Also read groups.json, dms.json and mpims.json.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import a Slack export in one transaction (re-importing changes nothing)."""
+    from doppel.ingest import ingest_export as run
+
+    settings = get_settings()
+    db = _database(settings)
+    with console.status(f"reading {path}"):
+        result = run(
+            db,
+            path,
+            workspace=workspace,
+            include_private=include_private,
+            max_bytes=settings.export.max_unzipped_mb * 2**20,
+        )
+    console.print(
+        f"workspace {result['workspace']}: {result['channels']} channels, {result['users']} "
+        f"users, {result['messages']} messages, {result['threads']} threads"
+    )
+    _emit(result, as_json)
+
+
+@ingest_app.command("slack")
+def ingest_slack(
+    channel: Annotated[
+        list[str] | None, typer.Option("--channel", help="Only these channels (name or id).")
+    ] = None,
+    include_archived: Annotated[bool | None, typer.Option(help="Also archived channels.")] = None,
+    include_private: Annotated[
+        bool | None, typer.Option(help="Also private channels, DMs and group DMs.")
+    ] = None,
+    join: Annotated[bool | None, typer.Option(help="Join public channels first.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Scrape through the Slack Web API: incremental, resumable and rate-limited."""
+    _prefect_env(get_settings())
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow(
+        channels=channel or None,
+        include_archived=include_archived,
+        include_private=include_private,
+        join=join,
+    )
+    console.print(
+        f"workspace {result['workspace']}: {result['channels']} channels, {result['users']} "
+        f"users, {result['messages']} messages, {result['threads']} threads "
+        f"({result['fetched']} fetched this run)"
+    )
+    for name, reason in {**result["skipped"], **result["failed"]}.items():
+        console.print(f"[yellow]skipped #{name}:[/] {reason}")
+    summary = {key: result[key] for key in ("workspace", "channels", "users", "messages")}
+    _emit({**summary, "threads": result["threads"], "skipped": result["skipped"]}, as_json)
+    if result["failed"]:
+        raise DoppelError(
+            f"{len(result['failed'])} channel(s) failed after retries",
+            "run the same command again: it resumes where it stopped",
+        )
+
+
+# -- users and datasets ---------------------------------------------------------------
+
+
+@app.command()
+def users(workspace: WorkspaceOption = None, as_json: JsonFlag = False) -> None:
+    """List users with their message counts and how many samples each would yield."""
+    from doppel.dataset.build import load_conversations, user_summaries
+    from doppel.store.lookup import message_counts, resolve_workspace
+
+    settings = get_settings()
+    with _database(settings).session() as session:
+        ws = resolve_workspace(session, workspace)
+        loaded = load_conversations(session, ws, settings.dataset.gap_minutes)
+        rows = user_summaries(loaded, message_counts(session, ws.id), settings.dataset)
+    table = Table("id", "name", "display name", "real name", "messages", "samples")
+    for row in rows:
+        flags = " (bot)" if row["is_bot"] else " (deleted)" if row["deleted"] else ""
+        table.add_row(
+            row["id"],
+            (row["name"] or "") + flags,
+            row["display_name"] or "",
+            row["real_name"] or "",
+            str(row["messages"]),
+            str(row["samples"]),
+        )
+    console.print(table)
+    _emit(rows, as_json)
+
+
+@dataset_app.command("build")
+def dataset_build(
+    user: Annotated[str, typer.Option("--user", help="User id, name, display or real name.")],
+    workspace: WorkspaceOption = None,
+    min_chars: Annotated[int | None, typer.Option(help="Shortest reply kept.")] = None,
+    gap_minutes: Annotated[
+        float | None, typer.Option(help="A quieter gap than this starts a new conversation.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build a user's chat dataset (train/validation `DatasetDict` plus stats.json)."""
+    from doppel.dataset.build import build_user_dataset, load_conversations
+    from doppel.store.lookup import resolve_user, resolve_workspace
+
+    settings = get_settings()
+    overrides = {"min_chars": min_chars, "gap_minutes": gap_minutes}
+    rules = settings.dataset.model_copy(
+        update={key: value for key, value in overrides.items() if value is not None}
+    )
+    with _database(settings).session() as session, console.status("building samples"):
+        ws = resolve_workspace(session, workspace)
+        loaded = load_conversations(session, ws, rules.gap_minutes)
+        person = resolve_user(loaded.people, user)
+        target = out or settings.dataset_dir(ws.id, person.id)
+        built = build_user_dataset(loaded, person, rules, target)
+    console.print(
+        f"dataset for {built.user_name} ({built.user_id}): {built.train} train, "
+        f"{built.validation} validation samples -> {built.path}"
+    )
+    _emit(
+        {
+            "path": str(built.path),
+            "user_id": built.user_id,
+            "train": built.train,
+            "validation": built.validation,
+            "stats": built.stats,
+        },
+        as_json,
+    )
+
+
+# -- synthetic data and the emulator ---------------------------------------------------
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Where to write the export .zip.")],
+    users: Annotated[int, typer.Option(min=2, help="People in the workspace.")] = 8,
+    days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 30,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+) -> None:
+    """Write a deterministic synthetic workspace as a valid Slack export."""
+    from doppel.synth import generate_workspace, write_export
+
+    workspace = generate_workspace(users=users, days=days, seed=seed)
+    path = write_export(workspace, out)
+    console.print(
+        f"wrote {path}: {len(workspace.users)} users, {len(workspace.channels)} channels, "
+        f"{sum(len(m) for m in workspace.messages.values())} messages (team {workspace.team_id})"
+    )
+
+
+@app.command("slack-emulator")
+def slack_emulator(
+    export: Annotated[Path, typer.Option(help="Slack export (.zip or folder) to serve.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    rate_limit: Annotated[
+        int | None, typer.Option(help="Requests per method per minute before 429s.")
+    ] = None,
+    fail_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of 5xx answers.")] = 0.0,
+    latency: Annotated[float, typer.Option(min=0, help="Seconds added to every answer.")] = 0.0,
+    bot_user: Annotated[str, typer.Option(help="User id of the app's bot user.")] = "UDOPPELBOT",
+) -> None:
+    """Serve a Slack export as a Slack Web API on 127.0.0.1 (for demos and tests)."""
+    from serving.slack_emulator import run_emulator
+
+    run_emulator(
+        export,
+        port=port,
+        rate_limit_per_minute=rate_limit,
+        fail_rate=fail_rate,
+        latency_seconds=latency,
+        bot_user=bot_user,
+    )

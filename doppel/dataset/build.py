@@ -1,0 +1,192 @@
+"""From the message store to a saved Hugging Face `DatasetDict` for one user."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from doppel.config import DatasetSettings
+from doppel.dataset.clean import TextCleaner
+from doppel.dataset.conversations import Conversation, Segmentation, segment
+from doppel.dataset.samples import Sample, SampleRules, split_samples, user_samples
+from doppel.errors import DoppelError
+from doppel.store.lookup import Person, channel_names, people
+from doppel.store.models import Message, Workspace
+
+
+@dataclass
+class WorkspaceConversations:
+    """A workspace's conversations plus what is needed to render them."""
+
+    workspace: Workspace
+    people: dict[str, Person]
+    channels: dict[str, str]
+    segmentation: Segmentation
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {uid: person.label for uid, person in self.people.items()}
+
+    def by_author(self) -> dict[str, list[Conversation]]:
+        index: dict[str, list[Conversation]] = defaultdict(list)
+        for conversation in self.segmentation.conversations:
+            for author in {turn.author for turn in conversation.turns}:
+                index[author].append(conversation)
+        return index
+
+    def system_prompt(self, template: str, person: Person) -> str:
+        return template.format(
+            name=person.label, workspace=self.workspace.name or self.workspace.id
+        )
+
+
+def load_conversations(
+    session: Session, workspace: Workspace, gap_minutes: float
+) -> WorkspaceConversations:
+    """Read every message of the workspace once, in (channel, ts) order, and segment it."""
+    known = people(session, workspace.id)
+    channels = channel_names(session, workspace.id)
+    cleaner = TextCleaner({uid: p.label for uid, p in known.items()}, channels)
+    rows = session.execute(
+        select(
+            Message.channel_id,
+            Message.ts,
+            Message.thread_ts,
+            Message.user_id,
+            Message.subtype,
+            Message.bot_id,
+            Message.text,
+        )
+        .where(Message.workspace_id == workspace.id)
+        .order_by(Message.channel_id, Message.ts)
+        .execution_options(yield_per=10_000)
+    )
+    bots = {uid for uid, person in known.items() if person.is_bot}
+    segmentation = segment(rows, bots=bots, clean=cleaner, gap_minutes=gap_minutes)
+    return WorkspaceConversations(workspace, known, channels, segmentation)
+
+
+@dataclass
+class BuiltDataset:
+    path: Path
+    user_id: str
+    user_name: str
+    train: int
+    validation: int
+    stats: dict[str, Any]
+
+
+def build_user_dataset(
+    loaded: WorkspaceConversations, person: Person, settings: DatasetSettings, out: Path
+) -> BuiltDataset:
+    """Build, split and save one user's samples; refuse with counts when there are none."""
+    rules = SampleRules(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
+    built = user_samples(
+        loaded.by_author().get(person.id, []),
+        person.id,
+        system_prompt=loaded.system_prompt(settings.system_prompt, person),
+        names=loaded.names,
+        rules=rules,
+    )
+    counts = built.counts
+    if not built.samples:
+        raise DoppelError(
+            f"user {person.id} ({person.label}) has no eligible samples: "
+            f"{counts['turns']} turns, {counts['too_short']} shorter than {rules.min_chars} "
+            f"chars, {counts['no_earlier_turn_by_others']} with no earlier turn by someone "
+            f"else, {counts['duplicate']} duplicates",
+            "lower --min-chars, or pick a more active user ('doppel users' shows who has samples)",
+        )
+    train, validation = split_samples(
+        built.samples, settings.validation_fraction, salt=loaded.workspace.id
+    )
+    stats = {
+        "workspace_id": loaded.workspace.id,
+        "user_id": person.id,
+        "user_name": person.label,
+        "train": len(train),
+        "validation": len(validation),
+        "conversations": len({s.conversation_id for s in built.samples}),
+        "turns": counts["turns"],
+        "dropped_turns": {k: v for k, v in counts.items() if k not in {"turns", "samples"}},
+        "dropped_workspace_messages": dict(sorted(loaded.segmentation.dropped.items())),
+        "settings": {**asdict(rules), "gap_minutes": settings.gap_minutes},
+        "system_prompt": settings.system_prompt,
+    }
+    splits = {"train": train, "validation": validation}
+    _save_atomically(
+        DatasetDict({name: _to_dataset(rows, loaded, person) for name, rows in splits.items()}),
+        stats,
+        out,
+    )
+    return BuiltDataset(out, person.id, person.label, len(train), len(validation), stats)
+
+
+def _to_dataset(samples: list[Sample], loaded: WorkspaceConversations, person: Person) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "messages": [s.messages for s in samples],
+            "workspace_id": [loaded.workspace.id] * len(samples),
+            "user_id": [person.id] * len(samples),
+            "conversation_id": [s.conversation_id for s in samples],
+            "channel": [loaded.channels.get(s.channel_id, s.channel_id) for s in samples],
+            "reply_ts": [s.reply_ts for s in samples],
+            "context_turns": [s.context_turns for s in samples],
+        }
+    )
+
+
+def _save_atomically(dataset: DatasetDict, stats: dict[str, Any], out: Path) -> None:
+    """Write next to the destination, then swap: a crash never leaves half a dataset."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        dataset.save_to_disk(str(staging / "data"))
+        (staging / "data" / "stats.json").write_text(json.dumps(stats, indent=2))
+        previous = out.with_name(f".{out.name}.previous")
+        if out.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            out.rename(previous)
+        (staging / "data").rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def user_summaries(
+    loaded: WorkspaceConversations, message_counts: dict[str, int], settings: DatasetSettings
+) -> list[dict[str, Any]]:
+    """Each person's message count and how many samples a dataset build would yield."""
+    rules = SampleRules(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
+    index = loaded.by_author()
+    summaries = []
+    for person in loaded.people.values():
+        built = user_samples(
+            index.get(person.id, []),
+            person.id,
+            system_prompt="",
+            names=loaded.names,
+            rules=rules,
+        )
+        summaries.append(
+            {
+                "id": person.id,
+                "name": person.name,
+                "display_name": person.display_name,
+                "real_name": person.real_name,
+                "is_bot": person.is_bot,
+                "deleted": person.deleted,
+                "messages": message_counts.get(person.id, 0),
+                "samples": len(built.samples),
+            }
+        )
+    return sorted(summaries, key=lambda row: (-row["samples"], -row["messages"], row["id"]))

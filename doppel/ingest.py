@@ -1,0 +1,49 @@
+"""Putting a Slack export into the store as one transaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from doppel.errors import DoppelError
+from doppel.slack.export import SlackExport, read_export
+from doppel.store.database import Database, workspace_counts
+from doppel.store.records import save_channels, save_messages, save_users, save_workspace
+
+
+def ingest_export(
+    db: Database,
+    path: Path,
+    *,
+    workspace: str | None = None,
+    include_private: bool = False,
+    max_bytes: int,
+) -> dict[str, object]:
+    """Read and validate the whole export first, then write it in one transaction.
+
+    Returns the workspace totals in the store afterwards.
+    """
+    export = read_export(path, include_private=include_private, max_bytes=max_bytes)
+    team_id = _team_id(export, workspace, path)
+    with db.transaction() as session:
+        save_workspace(session, team_id, Path(path).stem)
+        save_users(session, team_id, export.users)
+        save_channels(session, team_id, export.channels)
+        for channel_id, messages in export.messages.items():
+            save_messages(session, team_id, channel_id, messages)
+    with db.session() as session:
+        return {"workspace": team_id, **workspace_counts(session, team_id)}
+
+
+def _team_id(export: SlackExport, workspace: str | None, path: Path) -> str:
+    if export.team_id and workspace and workspace != export.team_id:
+        raise DoppelError(
+            f"{path} belongs to workspace {export.team_id}, not '{workspace}'",
+            f"drop --workspace or pass --workspace {export.team_id}",
+        )
+    team_id = export.team_id or workspace
+    if not team_id:
+        raise DoppelError(
+            f"{path} does not say which workspace it is from (no team_id in users.json)",
+            "pass --workspace TEAM_ID (e.g. T01234567)",
+        )
+    return team_id

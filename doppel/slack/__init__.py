@@ -1,0 +1,1 @@
+"""Reading Slack: the Web API scraper and the export reader."""

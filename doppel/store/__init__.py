@@ -1,0 +1,1 @@
+"""The message store: SQLAlchemy models and the writes both ingestion paths share."""

@@ -1,0 +1,102 @@
+"""Scrape a workspace through the Slack Web API, one mapped Prefect task per channel.
+
+Channels run concurrently on a thread pool; one shared rate limiter keeps all of them
+together under Slack's per-method tiers. A failed channel task is retried by Prefect
+and resumes from its stored cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from rich.progress import Progress
+
+from doppel.config import get_settings
+from doppel.errors import DoppelError
+from doppel.progress import channel_progress, channel_reporter
+from doppel.slack.scrape import (
+    ChannelResult,
+    SlackScraper,
+    make_client,
+    make_rate_limiter,
+)
+from doppel.store.database import Database, workspace_counts
+
+
+def _transient(_task: object, _task_run: object, state: object) -> bool:
+    """Retry network trouble, never a problem the user must fix (bad token, bad input)."""
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except DoppelError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="scrape #{channel[name]}",
+)
+def scrape_channel(scraper: SlackScraper, channel: dict, progress: Progress) -> ChannelResult:
+    advance, finish = channel_reporter(progress, channel.get("name") or channel["id"])
+    result = scraper.scrape_channel(channel, advance)
+    finish()
+    return result
+
+
+@flow(name="ingest-slack", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def ingest_flow(
+    channels: list[str] | None = None,
+    include_archived: bool | None = None,
+    include_private: bool | None = None,
+    join: bool | None = None,
+) -> dict:
+    """Incremental ingest of the workspace behind the configured token."""
+    settings = get_settings()
+    overrides = {
+        "include_archived": include_archived,
+        "include_private": include_private,
+        "join_channels": join,
+    }
+    slack = settings.slack.model_copy(
+        update={key: value for key, value in overrides.items() if value is not None}
+    )
+    db = Database(settings.db_url)
+    scraper = SlackScraper(make_client(settings), db, slack, make_rate_limiter(slack))
+    try:
+        workspace_id = scraper.connect()
+        scraper.sync_users()
+        targets = scraper.sync_channels(channels)
+        with channel_progress() as progress:
+            futures = scrape_channel.map(
+                scraper=unmapped(scraper), channel=targets, progress=unmapped(progress)
+            )
+            outcomes = [future.result(raise_on_failure=False) for future in futures]
+        with db.session() as session:
+            totals = workspace_counts(session, workspace_id)
+    finally:
+        db.dispose()
+    for outcome in outcomes:
+        if isinstance(outcome, DoppelError):
+            raise outcome
+    results = [outcome for outcome in outcomes if isinstance(outcome, ChannelResult)]
+    failed = {
+        channel.get("name") or channel["id"]: repr(outcome)
+        for channel, outcome in zip(targets, outcomes, strict=True)
+        if isinstance(outcome, BaseException)
+    }
+    return {
+        "workspace": workspace_id,
+        **totals,
+        "fetched": sum(result.messages for result in results),
+        "skipped": {r.name: r.skipped for r in results if r.skipped},
+        "failed": failed,
+        "channel_results": [asdict(result) for result in results],
+    }

@@ -1,0 +1,1 @@
+"""Serving side of DoppelBot: the Slack-facing apps."""
