@@ -52,7 +52,7 @@ def _emit(result: Any, as_json: bool) -> None:
         print(json.dumps(result, default=str))
 
 
-def _database(settings: Settings):  # noqa: ANN202 - avoids importing SQLAlchemy for --help
+def _database(settings: Settings):
     from doppel.store.database import Database
 
     return Database(settings.db_url)
@@ -178,20 +178,17 @@ def dataset_build(
     as_json: JsonFlag = False,
 ) -> None:
     """Build a user's chat dataset (train/validation `DatasetDict` plus stats.json)."""
-    from doppel.dataset.build import build_user_dataset, load_conversations
-    from doppel.store.lookup import resolve_user, resolve_workspace
+    from doppel.dataset.build import build_dataset
 
-    settings = get_settings()
-    overrides = {"min_chars": min_chars, "gap_minutes": gap_minutes}
-    rules = settings.dataset.model_copy(
-        update={key: value for key, value in overrides.items() if value is not None}
-    )
-    with _database(settings).session() as session, console.status("building samples"):
-        ws = resolve_workspace(session, workspace)
-        loaded = load_conversations(session, ws, rules.gap_minutes)
-        person = resolve_user(loaded.people, user)
-        target = out or settings.dataset_dir(ws.id, person.id)
-        built = build_user_dataset(loaded, person, rules, target)
+    with console.status("building samples"):
+        built = build_dataset(
+            get_settings(),
+            user,
+            workspace=workspace,
+            min_chars=min_chars,
+            gap_minutes=gap_minutes,
+            out=out,
+        )
     console.print(
         f"dataset for {built.user_name} ({built.user_id}): {built.train} train, "
         f"{built.validation} validation samples -> {built.path}"
@@ -251,3 +248,7 @@ def slack_emulator(
         latency_seconds=latency,
         bot_user=bot_user,
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 from slack_sdk.http_retry.builtin_interval_calculators import FixedValueRetryIntervalCalculator
 
 from doppel.slack.export import SlackExport, read_export
+from doppel.synth import generate_workspace, write_export
 from serving.slack_emulator import Emulator, EmulatorConfig, create_app, serve_in_thread
 
 TEAM = "T0TEST"
@@ -36,7 +37,12 @@ def _ts(seconds: int) -> str:
 def _general() -> list[dict]:
     """12 top-level messages, one thread of 5 replies; reply 3 is also broadcast."""
     messages = [
-        {"type": "message", "user": f"U00{i % 3 + 1}", "text": f"hello {i}", "ts": _ts(BASE + i * 60)}
+        {
+            "type": "message",
+            "user": f"U00{i % 3 + 1}",
+            "text": f"hello {i}",
+            "ts": _ts(BASE + i * 60),
+        }
         for i in range(12)
     ]
     for n in range(1, 6):
@@ -70,7 +76,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> SlackExport:
     _write(root / "channels.json", channels)
     _write(root / "groups.json", [{"id": "G001", "name": "secret", "members": ["U001"]}])
     _write(root / "general" / "2023-11-14.json", _general())
-    random_messages = [{"type": "message", "user": "U002", "text": "hi", "ts": _ts(BASE + i)} for i in range(3)]
+    random_messages = [
+        {"type": "message", "user": "U002", "text": "hi", "ts": _ts(BASE + i)} for i in range(3)
+    ]
     _write(root / "random" / "2023-11-14.json", random_messages)
     _write(root / "old" / "2023-11-14.json", [{"type": "message", "text": "x", "ts": _ts(BASE)}])
     _write(root / "secret" / "2023-11-14.json", [{"type": "message", "text": "s", "ts": _ts(BASE)}])
@@ -187,7 +195,10 @@ def test_cursors_survive_new_messages(workspace: SlackExport) -> None:
         posted = client.chat_postMessage(channel="C001", text="late reply", thread_ts=THREAD_TS)
         after = _all_pages(
             client.conversations_replies(
-                channel="C001", ts=THREAD_TS, limit=2, cursor=start["response_metadata"]["next_cursor"]
+                channel="C001",
+                ts=THREAD_TS,
+                limit=2,
+                cursor=start["response_metadata"]["next_cursor"],
             )
         )
         thread = [m["ts"] for m in start["messages"] + after]
@@ -260,15 +271,39 @@ def test_post_reply_update(workspace: SlackExport) -> None:
         assert newest["text"] == "edited"
         missing = _error(lambda: client.chat_update(channel="C001", ts="1.000000", text="x"))
         assert missing.response["error"] == "message_not_found"
-        assert _error(lambda: client.chat_postMessage(channel="C001", text="")).response[
-            "error"
-        ] == "no_text"
+        with pytest.warns(UserWarning, match="text"):  # slack_sdk warns too, before sending
+            empty = _error(lambda: client.chat_postMessage(channel="C001", text=""))
+        assert empty.response["error"] == "no_text"
         dump = httpx.get(urljoin(url, "/emulator/messages/C001")).json()
         assert [m["ts"] for m in dump][-2:] == [reply["ts"], top["ts"]]
         assert len(emulator.conversations["C001"].by_ts) == len(_general()) + 2
         assert len(workspace.messages["C001"]) == len(_general())  # the export is untouched
         log = httpx.get(urljoin(url, "/emulator/requests")).json()
         assert {"method": "chat.postMessage", "status": 200} in log
+
+
+def test_scraping_a_synthetic_export_returns_every_message_once(tmp_path: Path) -> None:
+    """History plus the replies of each parent is exactly the export, read from its ZIP."""
+    export = write_export(generate_workspace(users=5, days=5, seed=1), tmp_path / "synth.zip")
+    workspace = read_export(export, include_private=True, max_bytes=10**8)
+    with running(workspace) as (url, _):
+        client = WebClient(token=USER_TOKEN, base_url=url)
+        assert client.auth_test()["team_id"] == workspace.team_id
+        types = "public_channel,private_channel,mpim,im"
+        channels = _all_pages(client.conversations_list(types=types, limit=2))
+        assert {c["id"] for c in channels} == set(workspace.messages)
+        for channel in channels:
+            top = _all_pages(client.conversations_history(channel=channel["id"], limit=7))
+            seen = [m["ts"] for m in top]
+            for parent in (m for m in top if m.get("reply_count") and m["thread_ts"] == m["ts"]):
+                thread = client.conversations_replies(
+                    channel=channel["id"], ts=parent["ts"], limit=3
+                )
+                seen += [m["ts"] for m in _all_pages(thread)[1:]]
+            broadcasts = [m["ts"] for m in top if m.get("subtype") == "thread_broadcast"]
+            assert sorted(seen) == sorted(
+                [m["ts"] for m in workspace.messages[channel["id"]]] + broadcasts
+            )
 
 
 def test_rate_limit_then_retry(workspace: SlackExport) -> None:

@@ -10,16 +10,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 from datasets import Dataset, DatasetDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from doppel.config import DatasetSettings
+from doppel.config import DatasetSettings, Settings
 from doppel.dataset.clean import TextCleaner
 from doppel.dataset.conversations import Conversation, Segmentation, segment
 from doppel.dataset.samples import Sample, SampleRules, split_samples, user_samples
 from doppel.errors import DoppelError
-from doppel.store.lookup import Person, channel_names, people
+from doppel.store.database import Database
+from doppel.store.lookup import Person, channel_names, people, resolve_user, resolve_workspace
 from doppel.store.models import Message, Workspace
 
 
@@ -147,6 +149,7 @@ def _to_dataset(samples: list[Sample], loaded: WorkspaceConversations, person: P
 
 def _save_atomically(dataset: DatasetDict, stats: dict[str, Any], out: Path) -> None:
     """Write next to the destination, then swap: a crash never leaves half a dataset."""
+    datasets.disable_progress_bars()  # a few shards; the CLI shows its own status
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -190,3 +193,28 @@ def user_summaries(
             }
         )
     return sorted(summaries, key=lambda row: (-row["samples"], -row["messages"], row["id"]))
+
+
+def build_dataset(
+    settings: Settings,
+    user: str,
+    *,
+    workspace: str | None = None,
+    min_chars: int | None = None,
+    gap_minutes: float | None = None,
+    out: Path | None = None,
+) -> BuiltDataset:
+    """The whole step: resolve workspace and user, read the store, build and save."""
+    overrides = {"min_chars": min_chars, "gap_minutes": gap_minutes}
+    rules = settings.dataset.model_copy(
+        update={key: value for key, value in overrides.items() if value is not None}
+    )
+    db = Database(settings.db_url)
+    try:
+        with db.session() as session:
+            ws = resolve_workspace(session, workspace)
+            loaded = load_conversations(session, ws, rules.gap_minutes)
+    finally:
+        db.dispose()
+    person = resolve_user(loaded.people, user)
+    return build_user_dataset(loaded, person, rules, out or settings.dataset_dir(ws.id, person.id))
