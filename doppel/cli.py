@@ -60,9 +60,13 @@ def _database(settings: Settings):
 
 def _prefect_env(settings: Settings) -> None:
     """Keep Prefect's state under DOPPEL_HOME and off the network, unless configured."""
-    os.environ.setdefault("PREFECT_HOME", str((settings.home / "prefect").resolve()))
+    prefect_home = (settings.home / "prefect").resolve()
+    prefect_home.mkdir(parents=True, exist_ok=True)  # its server cannot start without it
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # A first run creates Prefect's database; on 2 cores that outlasts the 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 # -- ingest -------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_bad_token_and_unknown_channel_are_clear_errors(db: Database, synth_zip:
             scraper(db, url, token="xoxp-revoked").connect()
         s = scraper(db, url)
         s.connect()
-        with pytest.raises(DoppelError, match="unknown or unreadable channel.*nope"):
+        with pytest.raises(DoppelError, match=r"unknown or unreadable channel.*nope"):
             s.sync_channels(["nope"])
 
 
