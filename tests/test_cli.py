@@ -95,8 +95,16 @@ def test_emulator_command_and_ingest_slack_flow(tmp_path: Path) -> None:
     doppel("synth", "--out", str(export), "--users", "4", "--days", "6")
     port = free_port()
     emulator = subprocess.Popen(
-        [sys.executable, "-m", "doppel.cli", "slack-emulator", "--export", str(export)]
-        + ["--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "doppel.cli",
+            "slack-emulator",
+            "--export",
+            str(export),
+            "--port",
+            str(port),
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

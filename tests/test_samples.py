@@ -31,10 +31,11 @@ def conversations(messages, gap_minutes: float = 30, bots=frozenset()):
 
 
 def samples_for(target: str, messages, rules: SampleRules = SampleRules(min_chars=10), **kw):
-    segmented = conversations(messages, **kw)
-    return user_samples(
-        segmented.conversations, target, system_prompt="SYS", names=NAMES, rules=rules
-    )
+    return user_samples(conversations(messages, **kw).conversations, target, rules)
+
+
+def chats(result) -> list[list[dict]]:
+    return [sample.messages("SYS", NAMES) for sample in result.samples]
 
 
 # -- cleaning ---------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_context_is_only_earlier_turns_in_order() -> None:
             msg(5, "UC", "posted after: must never leak"),
         ],
     )
-    assert [s.messages for s in result.samples] == [
+    assert chats(result) == [
         [
             {"role": "system", "content": "SYS"},
             {"role": "user", "content": "ana: first question here"},
@@ -148,7 +149,7 @@ def test_context_is_only_earlier_turns_in_order() -> None:
             {"role": "assistant", "content": "second long answer " + LONG},
         ],
     ]
-    leaked = [m for s in result.samples for m in s.messages if "never leak" in m["content"]]
+    leaked = [m for chat in chats(result) for m in chat if "never leak" in m["content"]]
     assert leaked == []
 
 
@@ -162,10 +163,9 @@ def test_roles_alternate_and_chat_opens_with_user() -> None:
             msg(4, "UT", "tess answers both " + LONG),
         ],
     )
-    (sample,) = result.samples
-    roles = [m["role"] for m in sample.messages]
-    assert roles == ["system", "user", "assistant"]
-    assert sample.messages[1]["content"] == "ana: ana replies\nBo: bo chimes in"
+    (chat,) = chats(result)
+    assert [m["role"] for m in chat] == ["system", "user", "assistant"]
+    assert chat[1]["content"] == "ana: ana replies\nBo: bo chimes in"
 
 
 def test_short_turns_and_turns_without_earlier_others_are_counted() -> None:

@@ -92,13 +92,7 @@ def build_user_dataset(
 ) -> BuiltDataset:
     """Build, split and save one user's samples; refuse with counts when there are none."""
     rules = SampleRules(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
-    built = user_samples(
-        loaded.by_author().get(person.id, []),
-        person.id,
-        system_prompt=loaded.system_prompt(settings.system_prompt, person),
-        names=loaded.names,
-        rules=rules,
-    )
+    built = user_samples(loaded.by_author().get(person.id, []), person.id, rules)
     counts = built.counts
     if not built.samples:
         raise DoppelError(
@@ -124,25 +118,31 @@ def build_user_dataset(
         "settings": {**asdict(rules), "gap_minutes": settings.gap_minutes},
         "system_prompt": settings.system_prompt,
     }
+    prompt = loaded.system_prompt(settings.system_prompt, person)
     splits = {"train": train, "validation": validation}
     _save_atomically(
-        DatasetDict({name: _to_dataset(rows, loaded, person) for name, rows in splits.items()}),
+        DatasetDict(
+            {name: _to_dataset(rows, loaded, person, prompt) for name, rows in splits.items()}
+        ),
         stats,
         out,
     )
     return BuiltDataset(out, person.id, person.label, len(train), len(validation), stats)
 
 
-def _to_dataset(samples: list[Sample], loaded: WorkspaceConversations, person: Person) -> Dataset:
+def _to_dataset(
+    samples: list[Sample], loaded: WorkspaceConversations, person: Person, prompt: str
+) -> Dataset:
+    names = loaded.names
     return Dataset.from_dict(
         {
-            "messages": [s.messages for s in samples],
+            "messages": [s.messages(prompt, names) for s in samples],
             "workspace_id": [loaded.workspace.id] * len(samples),
             "user_id": [person.id] * len(samples),
             "conversation_id": [s.conversation_id for s in samples],
             "channel": [loaded.channels.get(s.channel_id, s.channel_id) for s in samples],
-            "reply_ts": [s.reply_ts for s in samples],
-            "context_turns": [s.context_turns for s in samples],
+            "reply_ts": [s.reply.ts for s in samples],
+            "context_turns": [len(s.context) for s in samples],
         }
     )
 
@@ -173,13 +173,7 @@ def user_summaries(
     index = loaded.by_author()
     summaries = []
     for person in loaded.people.values():
-        built = user_samples(
-            index.get(person.id, []),
-            person.id,
-            system_prompt="",
-            names=loaded.names,
-            rules=rules,
-        )
+        built = user_samples(index.get(person.id, []), person.id, rules)
         summaries.append(
             {
                 "id": person.id,

@@ -8,8 +8,10 @@ joins, topic changes and the like are dropped and counted.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
@@ -68,7 +70,32 @@ def segment(
     clean: Callable[[str], str],
     gap_minutes: float,
 ) -> Segmentation:
-    """Split messages, sorted by (channel_id, ts), into conversations."""
+    """Split messages, sorted by (channel_id, ts), into conversations.
+
+    The cyclic garbage collector is paused meanwhile: the objects built here have no
+    cycles, and GC passes over a million fresh objects more than halved throughput.
+    """
+    with gc_paused():
+        return _segment(messages, bots, clean, gap_minutes)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _segment(
+    messages: Iterable[StoredMessage],
+    bots: set[str],
+    clean: Callable[[str], str],
+    gap_minutes: float,
+) -> Segmentation:
     result = Segmentation(conversations=[])
     gap = gap_minutes * 60.0
     for channel_id, group in groupby(messages, key=attrgetter("channel_id")):

@@ -27,11 +27,17 @@ class SampleRules:
 
 @dataclass
 class Sample:
-    messages: list[ChatMessage]
+    """A reply and the (trimmed) turns before it; rendered to chat messages on demand."""
+
+    context: list[Turn]
+    reply: Turn
     conversation_id: str
     channel_id: str
-    reply_ts: str
-    context_turns: int
+
+    def messages(self, system_prompt: str, names: Mapping[str, str]) -> list[ChatMessage]:
+        chat = render_chat(system_prompt, self.context, self.reply.author, names)
+        chat.append({"role": "assistant", "content": self.reply.text})
+        return chat
 
 
 @dataclass
@@ -83,16 +89,11 @@ def trim_context(turns: list[Turn], rules: SampleRules) -> list[Turn]:
 
 
 def user_samples(
-    conversations: Iterable[Conversation],
-    target: str,
-    *,
-    system_prompt: str,
-    names: Mapping[str, str],
-    rules: SampleRules,
+    conversations: Iterable[Conversation], target: str, rules: SampleRules
 ) -> UserSamples:
     """Every long-enough turn of `target` that answers someone else becomes a sample."""
     result = UserSamples(samples=[])
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple] = set()
     for conversation in conversations:
         for index, turn in enumerate(conversation.turns):
             if turn.author != target:
@@ -106,16 +107,12 @@ def user_samples(
                 result.counts["no_earlier_turn_by_others"] += 1
                 continue
             context = trim_context(earlier, rules)
-            messages = render_chat(system_prompt, context, target, names)
-            messages.append({"role": "assistant", "content": turn.text})
-            key = tuple(message["content"] for message in messages[1:])
+            key = (turn.text, *((t.author, t.text) for t in context))
             if key in seen:
                 result.counts["duplicate"] += 1
                 continue
             seen.add(key)
-            result.samples.append(
-                Sample(messages, conversation.id, conversation.channel_id, turn.ts, len(context))
-            )
+            result.samples.append(Sample(context, turn, conversation.id, conversation.channel_id))
     result.counts["samples"] = len(result.samples)
     return result
 
