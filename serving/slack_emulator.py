@@ -41,7 +41,6 @@ from doppel.slack.export import SlackDict, SlackExport, read_export
 Params = dict[str, Any]
 
 APP_ID = "AEMULATOR"
-TEAM_NAME = "Emulated workspace"
 TEAM_URL = "https://emulated.slack.com/"
 DEFAULT_INSTALLER = "UEMULATOR"  # who "installed" the app when the export has no humans
 NO_AUTH_METHODS = frozenset({"api.test", "oauth.v2.access"})
@@ -58,6 +57,9 @@ class EmulatorConfig:
     fail_seed: int = 0  # seeds the fault dice so a run can be replayed
     latency_seconds: float = 0.0  # added before every API answer
     bot_user: str = "UDOPPELBOT"
+    team_name: str = (
+        "Emulated workspace"  # exports carry no team name; run_emulator uses the file's
+    )
     bot_channels: set[str] | None = None  # None = the bot is in every public channel
     tokens: set[str] = field(default_factory=lambda: {"xoxb-emulator", "xoxp-emulator"})
     max_page_size: int = 1000
@@ -443,7 +445,7 @@ def auth_test(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
     """The export's team id, so file imports and emulator scrapes land in one workspace."""
     answer = {
         "url": TEAM_URL,
-        "team": TEAM_NAME,
+        "team": emulator.config.team_name,
         "user": "doppelbot" if who.bot_id else (emulator.user(who.user_id) or {}).get("name"),
         "team_id": emulator.team_id,
         "user_id": who.user_id,
@@ -619,7 +621,7 @@ def oauth_v2_access(emulator: Emulator, params: Params, who: Identity) -> SlackD
         "token_type": "bot",
         "access_token": emulator.issue_token("xoxb"),
         "bot_user_id": emulator.config.bot_user,
-        "team": {"id": emulator.team_id, "name": TEAM_NAME},
+        "team": {"id": emulator.team_id, "name": emulator.config.team_name},
         "enterprise": None,
         "is_enterprise_install": False,
     }
@@ -739,6 +741,7 @@ def run_emulator(
     """
     max_bytes = ExportSettings().max_unzipped_mb * 2**20
     workspace = read_export(Path(export_path), include_private=True, max_bytes=max_bytes)
+    config.setdefault("team_name", Path(export_path).stem)  # as `doppel ingest export` names it
     uvicorn.run(create_app(workspace, EmulatorConfig(**config)), host=host, port=port)
 
 
