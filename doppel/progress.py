@@ -7,7 +7,6 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -29,21 +28,9 @@ def channel_progress() -> Progress:
     )
 
 
-def counting_bar(description: str, total: int | None = None) -> Progress:
-    """A plain bar for steps with a known number of items."""
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn(description),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    progress.add_task(description, total=total)
-    return progress
-
-
-def channel_reporter(progress: Progress, name: str) -> tuple[Callable[[int], None], Callable]:
+def channel_reporter(
+    progress: Progress, name: str
+) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A callback that advances a new channel bar, and one that marks it finished."""
     task = progress.add_task(name, total=None)
 
@@ -52,6 +39,6 @@ def channel_reporter(progress: Progress, name: str) -> tuple[Callable[[int], Non
 
     def finish() -> None:
         done = progress.tasks[task].completed
-        progress.update(task, total=max(done, 1), completed=max(done, 1))
+        progress.update(task, total=done, completed=done)
 
     return advance, finish

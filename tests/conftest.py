@@ -13,6 +13,7 @@ from sqlalchemy import select
 from doppel.config import get_settings
 from doppel.store.database import Database
 from doppel.store.models import Base
+from tests.postgres import PostgresCluster
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_EXPORT = REPO.parent / "shared" / "data" / "slack-exports" / "houstondatavis-2016.zip"
@@ -32,10 +33,28 @@ def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 @pytest.fixture
-def db(doppel_home: Path) -> Iterator[Database]:
+def db(request: pytest.FixtureRequest, doppel_home: Path) -> Iterator[Database]:
+    """A fresh store: SQLite by default; `parametrize("db", [...], indirect=True)` adds
+    "postgresql", a new database in a throwaway cluster."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+        request.getfixturevalue("monkeypatch").setenv("DATABASE_URL", url)
+        get_settings.cache_clear()
     database = Database(get_settings().db_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster on 127.0.0.1 for this test session, or a skip that says why."""
+    cluster = PostgresCluster()
+    reason = cluster.start()
+    if reason:
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

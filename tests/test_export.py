@@ -16,6 +16,7 @@ from doppel.store.models import Message, User
 from tests.conftest import SHARED_EXPORT, store_snapshot, write_export, zip_folder
 
 LIMIT = 64 * 2**20
+pytestmark = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
 PARENT = "1704103200.000100"  # 2024-01-01 10:00 UTC
 USERS = [
     {"id": "U1", "team_id": "T1", "name": "ann", "profile": {"display_name": "Annie"}},
