@@ -35,8 +35,9 @@ class PostgresCluster:
             return "no PostgreSQL server binaries (apt-get install -y postgresql)"
         run_as = self._run_as()
         self.root.chmod(0o777)
+        initdb = [f"{pg_bin}/initdb", "-D", str(self.data), "-U", self.user, "--auth=trust"]
         commands = [
-            [f"{pg_bin}/initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8"],
+            [*initdb, "-E", "UTF8"],
             [
                 f"{pg_bin}/pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w",
                 "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}", "start",

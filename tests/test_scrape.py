@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from slack_sdk import WebClient
@@ -119,6 +124,59 @@ def test_faults_429_and_5xx_end_in_the_same_store(
         scrape_all(scraper(db, url, history_page_size=20))
         statuses = {r.status for r in state.request_log}
     assert {429, 200} <= statuses and statuses & {500, 503}
+    assert store_snapshot(db, scrape_state=False) == store_snapshot(clean, scrape_state=False)
+
+
+@contextmanager
+def dropping_proxy(url: str, every: int) -> Iterator[str]:
+    """A TCP proxy to `url` that hangs up on every `every`-th connection without answering."""
+    target = urlparse(url)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        for number in itertools.count(1):
+            if stop.is_set():
+                return
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            if number % every == 0:
+                client.recv(65536)  # take the request, then drop the connection
+                client.close()
+                continue
+            upstream = socket.create_connection((target.hostname, target.port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}{target.path}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_dropped_connections_are_retried(db: Database, tmp_path: Path, synth_zip: Path) -> None:
+    clean = other_db(tmp_path, "clean")
+    with emulator(synth_zip) as (url, state):
+        scrape_all(scraper(clean, url), only=["general"])
+        served = len(state.request_log)
+        with dropping_proxy(url, every=4) as flaky:
+            scrape_all(scraper(db, flaky), only=["general"])
+        assert len(state.request_log) - served > 10  # the run really went through the proxy
     assert store_snapshot(db, scrape_state=False) == store_snapshot(clean, scrape_state=False)
 
 
