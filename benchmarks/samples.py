@@ -15,23 +15,12 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from doppel.config import DatasetSettings
 from doppel.dataset.clean import TextCleaner, user_label
-from doppel.dataset.conversations import segment
+from doppel.dataset.conversations import StoredMessage, segment
 from doppel.dataset.samples import SampleRules, user_samples
 from doppel.synth import generate_workspace
-
-
-class Row(NamedTuple):
-    channel_id: str
-    ts: str
-    thread_ts: str | None
-    user_id: str | None
-    subtype: str | None
-    bot_id: str | None
-    text: str
 
 
 def timed(label: str, work, count: int):
@@ -53,7 +42,7 @@ def main() -> None:
     workspace = generate_workspace(users=args.users, days=args.days, seed=0)
     rows = sorted(
         (
-            Row(
+            StoredMessage(
                 channel_id,
                 m["ts"],
                 m.get("thread_ts"),
@@ -65,7 +54,7 @@ def main() -> None:
             for channel_id, messages in workspace.messages.items()
             for m in messages
         ),
-        key=lambda row: (row.channel_id, row.ts),
+        key=lambda message: (message.channel_id, message.ts),
     )
     total = len(rows)
     print(f"generated {total:,} messages in {time.perf_counter() - start:.1f} s\n")

@@ -196,11 +196,13 @@ def test_a_killed_scrape_resumes_without_gaps_or_refetch(
     with emulator(synth_zip, latency_seconds=0.05) as (url, state):
         env["SLACK_API_URL"] = url
         command = [sys.executable, "-m", "doppel.cli", "ingest", "slack"]
-        process = subprocess.Popen(command, env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, env=env, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 120
         while _stored(db) < 150 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI and its Prefect server, like a crash
         process.wait(timeout=30)
         with db.session() as session:
             interrupted = {

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
-from typing import Protocol
+from typing import NamedTuple
 
 from doppel.dataset.clean import SPOKEN_SUBTYPES
 
 
-class StoredMessage(Protocol):
+class StoredMessage(NamedTuple):
     """The columns of a stored message that conversations need (a SQLAlchemy Row fits)."""
 
     channel_id: str
