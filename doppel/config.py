@@ -153,22 +153,22 @@ class Settings(BaseSettings):
         return self.home / "datasets" / workspace_id / user_id
 
 
-def _explain(error: ValidationError) -> DoppelError:
-    """Turn pydantic's error into one that names the bad key and the valid ones."""
+def explain(error: ValidationError, root: type[BaseModel], source: str) -> DoppelError:
+    """Turn pydantic's error into one that names the bad key and lists the valid ones."""
     lines = []
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            section = _section_for(item["loc"][:-1])
+            section = _section_for(root, item["loc"][:-1])
             valid = ", ".join(sorted(section.model_fields)) if section else "?"
             lines.append(f"unknown config key '{loc}'; valid keys here: {valid}")
         else:
             lines.append(f"{loc}: {item['msg']}")
-    return DoppelError("invalid configuration: " + "; ".join(lines), "fix the key or value")
+    return DoppelError(f"invalid {source}: " + "; ".join(lines), "fix the key or value")
 
 
-def _section_for(path: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Settings
+def _section_for(root: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    model = root
     for part in path:
         field = model.model_fields.get(str(part))
         if field is None or not isinstance(field.annotation, type):
@@ -184,7 +184,7 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        raise _explain(error) from None
+        raise explain(error, Settings, "configuration") from None
 
 
 @lru_cache(maxsize=1)

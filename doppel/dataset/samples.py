@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from doppel.dataset.conversations import Conversation, Turn
+from doppel.dataset.conversations import Conversation, Turn, gc_paused
 
 ChatMessage = dict[str, str]
 
@@ -92,6 +92,13 @@ def user_samples(
     conversations: Iterable[Conversation], target: str, rules: SampleRules
 ) -> UserSamples:
     """Every long-enough turn of `target` that answers someone else becomes a sample."""
+    with gc_paused():  # many small acyclic objects: see `segment`
+        return _user_samples(conversations, target, rules)
+
+
+def _user_samples(
+    conversations: Iterable[Conversation], target: str, rules: SampleRules
+) -> UserSamples:
     result = UserSamples(samples=[])
     seen: set[tuple] = set()
     for conversation in conversations:

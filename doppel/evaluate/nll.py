@@ -1,0 +1,34 @@
+"""Mean negative log-likelihood of the real replies given their contexts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import PreTrainedModel
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+
+@torch.inference_mode()
+def mean_nll(model: PreTrainedModel, encoded: Dataset, batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean NLL over completion tokens (the reply), in nats per token.
+
+    Every model is scored on the same pre-tokenized rows, so the numbers compare.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        ids = pad(batch["input_ids"], pad_id).to(device)
+        attention = pad([[1] * len(row) for row in batch["input_ids"]], 0).to(device)
+        weights = pad(batch["completion_mask"], 0).to(device)[:, 1:].float()
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        total += float((nll * weights).sum())
+        count += int(weights.sum())
+    return total / max(count, 1)

@@ -1,0 +1,165 @@
+"""Evaluate a registered version against the base model and production, then gate it.
+
+Everything the evaluation needs (the adapter, the recipe and the validation split)
+comes back from MLflow, so it runs on any worker, with no shared disk.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from datasets import load_from_disk
+from matplotlib.figure import Figure
+from peft import PeftModel
+
+from doppel.config import Settings
+from doppel.errors import DoppelError
+from doppel.evaluate.gate import Decision, decide
+from doppel.evaluate.nll import mean_nll
+from doppel.evaluate.style import generate_replies, style_metrics
+from doppel.registry import CHALLENGER, Registry, model_name
+from doppel.train.base_model import load_model, load_tokenizer, resolve_base_model, use_qlora
+from doppel.train.config import TrainConfig
+from doppel.train.encode import encode_dataset
+
+
+@dataclass
+class Evaluation:
+    name: str
+    version: str
+    metrics: dict[str, float]
+    decision: Decision
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def evaluate_version(
+    settings: Settings, team_id: str, user_id: str, version: str | None = None, gate: bool = True
+) -> Evaluation:
+    """Score `version` (default: the challenger) and, with `gate`, promote it if it is better."""
+    registry = Registry(settings)
+    name = model_name(team_id, user_id)
+    candidate = registry.version(name, version or _challenger(registry, name))
+    production = registry.production(name)
+    if production is not None and production.version == candidate.version:
+        production = None  # scoring production against itself says nothing
+
+    with tempfile.TemporaryDirectory(prefix="doppel-eval-") as scratch:
+        run = Path(mlflow.artifacts.download_artifacts(
+            run_id=candidate.run_id, artifact_path="", dst_path=scratch
+        ))  # fmt: skip
+        config = TrainConfig(**json.loads((run / "config.json").read_text()))
+        validation = load_from_disk(str(run / "dataset"))["validation"]
+        adapters = {"candidate": run / "adapter"}
+        if production is not None:
+            adapters["production"] = registry.download_adapter(
+                name, production.version, Path(scratch) / "production"
+            )
+        metrics, examples = _score(settings, config, validation, adapters)
+
+    decision = decide(metrics, production.version if production else None, config.gate)
+    _log(candidate.run_id, metrics, examples)
+    if gate:
+        if decision.promote:
+            registry.promote(name, candidate.version, decision.reason)
+        else:
+            registry.record_decision(name, candidate.version, "rejected", decision.reason)
+    return Evaluation(name, candidate.version, metrics, decision, examples)
+
+
+def _challenger(registry: Registry, name: str) -> str:
+    versions = registry.versions(name)
+    for mv in versions:
+        if CHALLENGER in mv.aliases:
+            return mv.version
+    if versions:
+        return versions[-1].version
+    raise DoppelError(f"{name} has no versions yet", "train first: doppel train --user USER")
+
+
+def _score(
+    settings: Settings,
+    config: TrainConfig,
+    validation: Any,
+    adapters: dict[str, Path],
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Same validation tokens through base, candidate and production; style on generations."""
+    base_path = resolve_base_model(config.base_model, settings.home)
+    tokenizer = load_tokenizer(base_path)
+    encoded = encode_dataset(validation, tokenizer, config.max_length)
+    model = PeftModel.from_pretrained(
+        load_model(base_path, use_qlora(config.quantization)),
+        str(adapters["candidate"]),
+        adapter_name="candidate",
+    )
+    if "production" in adapters:
+        model.load_adapter(str(adapters["production"]), adapter_name="production")
+
+    def nll() -> float:
+        return mean_nll(model, encoded, config.eval.batch_size, tokenizer.pad_token_id)
+
+    def replies() -> list[str]:
+        return generate_replies(
+            model,
+            tokenizer,
+            prompts,
+            max_length=config.max_length,
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+        )
+
+    chats = validation["messages"][: config.eval.max_generations]
+    prompts = [chat[:-1] for chat in chats]
+    real = [chat[-1]["content"] for chat in chats]
+    metrics: dict[str, float] = {}
+    model.set_adapter("candidate")
+    metrics["eval_loss"] = nll()
+    generated = replies()
+    metrics |= {f"style_{k}": v for k, v in style_metrics(generated, real).items()}
+    with model.disable_adapter():
+        metrics["base_eval_loss"] = nll()
+        base_generated = replies()
+    metrics |= {f"base_style_{k}": v for k, v in style_metrics(base_generated, real).items()}
+    if "production" in adapters:
+        model.set_adapter("production")
+        metrics["production_eval_loss"] = nll()
+    examples = [
+        {"context": prompt[-1]["content"][-300:], "real": r, "adapter": g, "base": b}
+        for prompt, r, g, b in zip(prompts, real, generated, base_generated, strict=True)
+    ]
+    return metrics, examples
+
+
+def _log(run_id: str, metrics: dict[str, float], examples: list[dict[str, str]]) -> None:
+    """Metrics, a table of replies and a comparison chart, on the version's training run."""
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        if examples:
+            mlflow.log_table(
+                {key: [row[key] for row in examples] for key in examples[0]},
+                artifact_file="eval/replies.json",
+            )
+        mlflow.log_figure(_comparison(metrics), "eval/comparison.png")
+
+
+def _comparison(metrics: dict[str, float]) -> Figure:
+    losses = {
+        label: metrics[key]
+        for key, label in (
+            ("base_eval_loss", "base model"),
+            ("production_eval_loss", "production"),
+            ("eval_loss", "this adapter"),
+        )
+        if key in metrics
+    }
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
+    axis.bar(list(losses), list(losses.values()), color=["#999", "#6a9", "#36c"][: len(losses)])
+    axis.set_ylabel("validation NLL (nats/token)")
+    axis.set_title("same validation tokens, three models")
+    figure.tight_layout()
+    return figure

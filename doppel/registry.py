@@ -1,0 +1,175 @@
+"""MLflow: one experiment per workspace, one registered model per person.
+
+Each training run becomes a version of `doppel.<team_id>.<user_id>`. A new version gets
+the alias `challenger`; only the gate (or an operator) moves `production`. Every version
+carries the gate's decision and its reason as tags, and the version it replaced, so
+`rollback` knows where to go back to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException, RestException
+
+from doppel.config import Settings
+from doppel.errors import DoppelError
+
+PRODUCTION = "production"
+CHALLENGER = "challenger"
+ADAPTER_ARTIFACT = "adapter"
+
+
+def model_name(team_id: str, user_id: str) -> str:
+    return f"doppel.{team_id}.{user_id}"
+
+
+def tracking_uri(settings: Settings) -> str:
+    """`MLFLOW_TRACKING_URI`, or a SQLite store under DOPPEL_HOME."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return explicit
+    return f"sqlite:///{settings.home.resolve() / 'mlflow.db'}"
+
+
+@dataclass
+class Registry:
+    """The MLflow client, pointed at our tracking server and checked to answer."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self.uri = tracking_uri(self.settings)
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as error:
+            raise DoppelError(
+                f"MLflow is unreachable at {self.uri}: {str(error).splitlines()[0][:200]}",
+                "start it (mlflow server --workers 1) or fix MLFLOW_TRACKING_URI",
+            ) from None
+
+    # -- experiments ----------------------------------------------------------------
+
+    def experiment_id(self, team_id: str) -> str:
+        """One experiment per workspace; local stores keep artifacts under DOPPEL_HOME."""
+        name = f"doppel/{team_id}"
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = (self.settings.home.resolve() / "mlartifacts" / team_id).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    # -- versions ---------------------------------------------------------------------
+
+    def register(self, team_id: str, user_id: str, run_id: str, tags: dict[str, str]) -> str:
+        """A new version from the run's adapter artifact, aliased `challenger`."""
+        name = model_name(team_id, user_id)
+        try:
+            self.client.create_registered_model(name, tags={"team_id": team_id, "user_id": user_id})
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source=f"runs:/{run_id}/{ADAPTER_ARTIFACT}", run_id=run_id, tags=tags
+        )
+        self.client.set_registered_model_alias(name, CHALLENGER, version.version)
+        return str(version.version)
+
+    def version(self, name: str, version: str) -> ModelVersion:
+        try:
+            return self.client.get_model_version(name, version)
+        except MlflowException:
+            known = [v.version for v in self.versions(name)]
+            raise DoppelError(
+                f"{name} has no version {version}",
+                f"known versions: {', '.join(known) or 'none (train first)'}",
+            ) from None
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        try:
+            found = self.client.search_model_versions(f"name = '{name}'")
+        except (MlflowException, RestException):
+            return []
+        return sorted(found, key=lambda v: int(v.version))
+
+    def production(self, name: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(name, PRODUCTION)
+        except MlflowException:
+            return None
+
+    def record_decision(self, name: str, version: str, decision: str, reason: str) -> None:
+        self.client.set_model_version_tag(name, version, "decision", decision)
+        self.client.set_model_version_tag(name, version, "reason", reason)
+
+    def promote(self, name: str, version: str, reason: str) -> None:
+        """Move `production` to `version`, remembering the version it replaces."""
+        self.version(name, version)
+        current = self.production(name)
+        if current is not None and current.version != version:
+            self.client.set_model_version_tag(name, version, "previous_production", current.version)
+        self.client.set_registered_model_alias(name, PRODUCTION, version)
+        self.record_decision(name, version, "promoted", reason)
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Move `production` back to the version it replaced; returns (from, to)."""
+        current = self.production(name)
+        if current is None:
+            raise DoppelError(f"{name} has no production version", "nothing to roll back")
+        previous = current.tags.get("previous_production")
+        if not previous:
+            raise DoppelError(
+                f"{name} version {current.version} replaced no earlier version",
+                "promote a specific version instead: doppel promote --user U --version N",
+            )
+        self.client.set_registered_model_alias(name, PRODUCTION, previous)
+        self.record_decision(name, current.version, "rolled_back", f"rolled back to {previous}")
+        return current.version, previous
+
+    def download_adapter(self, name: str, version: str, into: Path) -> Path:
+        """The version's adapter folder, fetched through MLflow (no shared disk needed)."""
+        mv = self.version(name, version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(into)))
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def models(self, team_id: str | None = None) -> list[dict[str, Any]]:
+        """Every DoppelBot model with its versions, aliases, metrics and decisions."""
+        prefix = f"doppel.{team_id}." if team_id else "doppel."
+        result = []
+        for registered in self.client.search_registered_models(f"name LIKE '{prefix}%'"):
+            production = self.production(registered.name)
+            versions = []
+            for mv in self.versions(registered.name):
+                versions.append(
+                    {
+                        "version": int(mv.version),
+                        "aliases": sorted(mv.aliases),
+                        "run_id": mv.run_id,
+                        "metrics": self.run_metrics(mv.run_id) if mv.run_id else {},
+                        "decision": mv.tags.get("decision"),
+                        "reason": mv.tags.get("reason"),
+                    }
+                )
+            result.append(
+                {
+                    "name": registered.name,
+                    "team_id": registered.tags.get("team_id"),
+                    "user_id": registered.tags.get("user_id"),
+                    "production": int(production.version) if production else None,
+                    "versions": versions,
+                }
+            )
+        return sorted(result, key=lambda model: model["name"])

@@ -1,0 +1,1 @@
+"""Per-user LoRA/QLoRA training: config, base models, tokenization and the trainer."""

