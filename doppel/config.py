@@ -14,7 +14,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,6 +90,13 @@ class DatasetSettings(Section):
     )
 
 
+class PipelineSettings(Section):
+    """The nightly retraining: who is retrained, and how many trainings run at once."""
+
+    min_new_samples: int = Field(20, ge=0)  # retrain a person only after this many new samples
+    training_slots: int = Field(1, ge=1)  # Prefect concurrency limit "doppel-training"
+
+
 def _yaml_path() -> Path | None:
     explicit = os.environ.get("DOPPEL_CONFIG")
     if explicit:
@@ -111,22 +118,16 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    home: Path = Field(Path(".doppel"), validation_alias=AliasChoices("DOPPEL_HOME", "home"))
-    database_url: str | None = Field(
-        None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
-    )
-    slack_api_url: str = Field(
-        "https://slack.com/api/", validation_alias=AliasChoices("SLACK_API_URL", "slack_api_url")
-    )
-    slack_bot_token: str | None = Field(
-        None, validation_alias=AliasChoices("SLACK_BOT_TOKEN", "slack_bot_token")
-    )
-    slack_user_token: str | None = Field(
-        None, validation_alias=AliasChoices("SLACK_USER_TOKEN", "slack_user_token")
-    )
+    home: Path = Field(Path(".doppel"), validation_alias="DOPPEL_HOME")
+    database_url: str | None = Field(None, validation_alias="DATABASE_URL")
+    slack_api_url: str = Field("https://slack.com/api/", validation_alias="SLACK_API_URL")
+    slack_bot_token: str | None = Field(None, validation_alias="SLACK_BOT_TOKEN")
+    slack_user_token: str | None = Field(None, validation_alias="SLACK_USER_TOKEN")
+    model_cache: Path | None = None  # converted base models; default DOPPEL_HOME/models
     slack: SlackSettings = SlackSettings()
     export: ExportSettings = ExportSettings()
     dataset: DatasetSettings = DatasetSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -147,6 +148,10 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """`DATABASE_URL`, or a SQLite file under `DOPPEL_HOME`."""
         return self.database_url or f"sqlite:///{self.home.resolve() / 'doppel.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.model_cache or self.home / "models").resolve()
 
     def dataset_dir(self, workspace_id: str, user_id: str) -> Path:
         """Where a user's dataset lives unless `--out` says otherwise."""

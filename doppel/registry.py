@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -49,8 +50,15 @@ class Registry:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        """Fail in seconds, not after MLflow's minutes of retries, when it is down."""
         try:
-            self.client.search_experiments(max_results=1)
+            if self.uri.startswith(("http://", "https://")):
+                httpx.get(self.uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            else:
+                self.client.search_experiments(max_results=1)
         except Exception as error:
             raise DoppelError(
                 f"MLflow is unreachable at {self.uri}: {str(error).splitlines()[0][:200]}",

@@ -24,23 +24,13 @@ from doppel.slack.scrape import (
     make_rate_limiter,
 )
 from doppel.store.database import Database, workspace_counts
-
-
-def _transient(_task: object, _task_run: object, state: object) -> bool:
-    """Retry network trouble, never a problem the user must fix (bad token, bad input)."""
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except DoppelError:
-        return False
-    except Exception:
-        return True
-    return False
+from flows.common import transient
 
 
 @task(
     retries=3,
     retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_transient,
+    retry_condition_fn=transient,
     cache_policy=NO_CACHE,
     task_run_name="scrape #{channel[name]}",
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Value
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,19 @@ from doppel.errors import DoppelError
 from doppel.store.database import Database
 from doppel.store.lookup import Person, channel_names, people, resolve_user, resolve_workspace
 from doppel.store.models import Message, Workspace
+
+# Explicit types, so that an empty split still has a schema.
+FEATURES = Features(
+    {
+        "messages": [{"role": Value("string"), "content": Value("string")}],
+        "workspace_id": Value("string"),
+        "user_id": Value("string"),
+        "conversation_id": Value("string"),
+        "channel": Value("string"),
+        "reply_ts": Value("string"),
+        "context_turns": Value("int32"),
+    }
+)
 
 
 @dataclass
@@ -143,7 +156,8 @@ def _to_dataset(
             "channel": [loaded.channels.get(s.channel_id, s.channel_id) for s in samples],
             "reply_ts": [s.reply.ts for s in samples],
             "context_turns": [len(s.context) for s in samples],
-        }
+        },
+        features=FEATURES,
     )
 
 
@@ -153,7 +167,8 @@ def _save_atomically(dataset: DatasetDict, stats: dict[str, Any], out: Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        dataset.save_to_disk(str(staging / "data"))
+        # One shard per split: `load_from_disk` cannot read back a split saved as zero shards.
+        dataset.save_to_disk(str(staging / "data"), num_shards=dict.fromkeys(dataset, 1))
         (staging / "data" / "stats.json").write_text(json.dumps(stats, indent=2))
         previous = out.with_name(f".{out.name}.previous")
         if out.exists():

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import PreTrainedModel
 
+from doppel.train.encode import IGNORE
+
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(row) for row in rows)
@@ -26,9 +28,9 @@ def mean_nll(model: PreTrainedModel, encoded: Dataset, batch_size: int, pad_id: 
         batch = encoded[start : start + batch_size]
         ids = pad(batch["input_ids"], pad_id).to(device)
         attention = pad([[1] * len(row) for row in batch["input_ids"]], 0).to(device)
-        weights = pad(batch["completion_mask"], 0).to(device)[:, 1:].float()
+        labels = pad(batch["labels"], IGNORE).to(device)[:, 1:]
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        total += float((nll * weights).sum())
-        count += int(weights.sum())
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
+        total += float(nll)
+        count += int((labels != IGNORE).sum())
     return total / max(count, 1)

@@ -88,7 +88,7 @@ def _score(
     adapters: dict[str, Path],
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Same validation tokens through base, candidate and production; style on generations."""
-    base_path = resolve_base_model(config.base_model, settings.home)
+    base_path = resolve_base_model(config.base_model, settings.models_dir)
     tokenizer = load_tokenizer(base_path)
     encoded = encode_dataset(validation, tokenizer, config.max_length)
     model = PeftModel.from_pretrained(

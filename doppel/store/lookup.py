@@ -106,3 +106,9 @@ def resolve_user(known: dict[str, Person], query: str) -> Person:
         else "run 'doppel users' to list the users"
     )
     raise DoppelError(f"unknown user '{query}'", hint)
+
+
+def find_person(session: Session, user: str, workspace: str | None) -> tuple[Workspace, Person]:
+    """The workspace and the person a CLI or flow argument names."""
+    ws = resolve_workspace(session, workspace)
+    return ws, resolve_user(people(session, ws.id), user)

@@ -29,10 +29,10 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_FOLDER = "SmolLM2-135M-Instruct"
 
 
-def resolve_base_model(spec: str, home: Path) -> str:
+def resolve_base_model(spec: str, models_dir: Path) -> str:
     """A path or hub id that `from_pretrained` can load."""
     if spec == BUNDLED_MODEL:
-        return str(bundled_model(home))
+        return str(bundled_model(models_dir))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -49,9 +49,9 @@ def resolve_base_model(spec: str, home: Path) -> str:
     )
 
 
-def bundled_model(home: Path) -> Path:
+def bundled_model(models_dir: Path) -> Path:
     """The bundled SmolLM2 as a bf16 safetensors folder, converted on first use."""
-    target = home.resolve() / "models" / BUNDLED_FOLDER
+    target = models_dir / BUNDLED_FOLDER
     if (target / "model.safetensors").is_file():
         return target
     gguf_dir = _bundled_gguf_dir()

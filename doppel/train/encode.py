@@ -2,7 +2,7 @@
 
 Training, evaluation and serving all go through `fit_prompt`/`encode`, so the model is
 scored and served on exactly the tokens it was trained on. The loss falls only on the
-final assistant turn: `completion_mask` is 0 for every context token.
+final assistant turn: `labels` is -100 (ignored) for every context token.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from doppel.errors import DoppelError
 
 ChatMessage = dict[str, str]
+IGNORE = -100  # the label value PyTorch's cross-entropy and the trainers skip
 
 
 def render(
@@ -50,7 +51,7 @@ def fit_prompt(
 def encode(
     tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], max_length: int
 ) -> dict[str, list[int]]:
-    """`input_ids` and `completion_mask` for one sample (context, then the reply)."""
+    """`input_ids` and `labels` for one sample (context, then the reply)."""
     prompt, completion = messages[:-1], messages[-1:]
     if not completion or completion[0]["role"] != "assistant":
         raise DoppelError("a training sample must end with an assistant message", "rebuild it")
@@ -65,8 +66,8 @@ def encode(
             "use a base model whose chat template is prefix-stable (ChatML, Llama 3, Qwen)",
         )
     full_ids = full_ids[:max_length]  # only a reply longer than max_length loses its end
-    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
-    return {"input_ids": full_ids, "completion_mask": mask}
+    labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    return {"input_ids": full_ids, "labels": labels}
 
 
 def encode_dataset(

@@ -54,12 +54,6 @@ def load_user_dataset(path: Path, user_id: str, minimum: int) -> DatasetDict:
         ) from None
     if not isinstance(dataset, DatasetDict) or set(dataset) < {"train", "validation"}:
         raise DoppelError(f"{path} is not a train/validation dataset", "rebuild it")
-    owners = set(dataset["train"]["user_id"]) | set(dataset["validation"]["user_id"])
-    if owners != {user_id}:
-        raise DoppelError(
-            f"the dataset at {path} belongs to {', '.join(sorted(owners))}, not {user_id}",
-            "pass the dataset built for this user",
-        )
     if len(dataset["train"]) < minimum:
         raise DoppelError(
             f"the dataset has {len(dataset['train'])} training samples; the minimum is "
@@ -70,6 +64,12 @@ def load_user_dataset(path: Path, user_id: str, minimum: int) -> DatasetDict:
         raise DoppelError(
             "the dataset has no validation samples",
             "it needs at least two conversations; ingest more history",
+        )
+    owners = set(dataset["train"]["user_id"]) | set(dataset["validation"]["user_id"])
+    if owners != {user_id}:
+        raise DoppelError(
+            f"the dataset at {path} belongs to {', '.join(sorted(owners))}, not {user_id}",
+            "pass the dataset built for this user",
         )
     return dataset
 
@@ -83,7 +83,7 @@ def train_user(
 ) -> TrainedVersion:
     dataset = load_user_dataset(dataset_path, user_id, config.min_train_samples)
     registry = Registry(settings)  # fail now, not after an hour of training
-    base_path = resolve_base_model(config.base_model, settings.home)
+    base_path = resolve_base_model(config.base_model, settings.models_dir)
     digest = _digest(dataset, config)
     output_dir = settings.home.resolve() / "runs" / team_id / user_id / digest
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,6 @@ def train_adapter(
         data_seed=config.seed,
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        completion_only_loss=True,  # pre-tokenized data: use our completion_mask
         max_length=config.max_length,
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),

@@ -1,0 +1,171 @@
+"""Real training, evaluation and the MLflow registry on the bundled SmolLM2 (tiny runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import DatasetDict, load_from_disk
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from doppel.config import get_settings
+from doppel.dataset.build import build_dataset
+from doppel.errors import DoppelError
+from doppel.evaluate.run import evaluate_version
+from doppel.ingest import ingest_export
+from doppel.registry import PRODUCTION, Registry, model_name
+from doppel.store.database import Database
+from doppel.train.base_model import load_tokenizer, resolve_base_model
+from doppel.train.config import TrainConfig, default_config_path, load_train_config
+from doppel.train.encode import encode
+from doppel.train.run import train_user
+from doppel.train.trainer import train_adapter
+
+TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 4, "learning_rate": 2e-3}
+TEAM, USER = "T0SYNTH01", "U0000001"  # the synthetic "honestly, ... :rocket:" persona
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model, converted once per test session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def settings(doppel_home: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DOPPEL_MODEL_CACHE", str(models_dir))
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@pytest.fixture
+def dataset_path(settings, synth_zip: Path) -> Path:
+    ingest_export(Database(settings.db_url), synth_zip, max_bytes=2**26)
+    return build_dataset(settings, USER).path
+
+
+def test_the_default_recipe_file_is_the_built_in_default() -> None:
+    assert load_train_config(default_config_path()) == TrainConfig()
+
+
+def test_loss_is_masked_to_the_final_assistant_turn(settings) -> None:
+    tokenizer = load_tokenizer(resolve_base_model("smollm2-135m-instruct", settings.models_dir))
+    reply = "honestly, the deploy is fine :rocket:"
+    messages = [
+        {"role": "system", "content": "You are Alice."},
+        {"role": "user", "content": "Bo: is the deploy ok?"},
+        {"role": "assistant", "content": "an earlier answer that must not be learned"},
+        {"role": "user", "content": "Bo: sure?"},
+        {"role": "assistant", "content": reply},
+    ]
+    row = encode(tokenizer, messages, max_length=256)
+    # The batch exactly as TRL's trainer collates it.
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    batch = collator([row, encode(tokenizer, messages[:3], 256)])
+    labels = batch["labels"][0]
+    learned = tokenizer.decode([t for t in labels.tolist() if t != -100])
+    assert learned == reply + "<|im_end|>\n"
+    context = tokenizer.decode(batch["input_ids"][0][labels == -100])
+    assert "an earlier answer that must not be learned" in context and reply not in context
+
+
+def test_long_context_is_trimmed_from_the_oldest_turns(settings) -> None:
+    tokenizer = load_tokenizer(resolve_base_model("smollm2-135m-instruct", settings.models_dir))
+    old = [{"role": "user", "content": f"Bo: old message {i} " + "x " * 40} for i in range(6)]
+    chat = [{"role": "system", "content": "S"}, *old, {"role": "assistant", "content": "reply"}]
+    row = encode(tokenizer, chat, max_length=120)
+    assert len(row["input_ids"]) <= 120
+    text = tokenizer.decode(row["input_ids"])
+    assert (
+        "old message 5" in text
+        and "old message 0" not in text
+        and text.endswith("reply<|im_end|>\n")
+    )
+
+
+def test_training_lowers_the_loss_and_the_adapter_loads_in_peft(
+    settings, dataset_path: Path, tmp_path: Path
+) -> None:
+    config = load_train_config(None, max_steps=8, **TINY)
+    base = resolve_base_model(config.base_model, settings.models_dir)
+    result = train_adapter(load_from_disk(str(dataset_path)), config, base, tmp_path / "run")
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert evals[-1] < evals[0]
+    files = {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), result.adapter_dir
+    )
+    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6
+
+
+def test_registry_gate_both_ways_promote_and_rollback(settings, dataset_path: Path) -> None:
+    name = model_name(TEAM, USER)
+    good = load_train_config(None, max_steps=8, **TINY)
+    v1 = train_user(settings, TEAM, USER, dataset_path, good)
+    registry = Registry(settings)
+    assert v1.version == "1" and registry.production(name) is None
+    first = evaluate_version(settings, TEAM, USER)
+    assert first.decision.promote, first.decision.reason
+    assert first.metrics["eval_loss"] < first.metrics["base_eval_loss"]
+    assert {"style_similarity", "style_length_ratio", "style_distinct_2"} <= set(first.metrics)
+    assert registry.production(name).version == "1"
+
+    # An adapter that barely moved from the base model cannot beat production.
+    weak = load_train_config(None, max_steps=1, **(TINY | {"learning_rate": 1e-7}))
+    v2 = train_user(settings, TEAM, USER, dataset_path, weak)
+    second = evaluate_version(settings, TEAM, USER, v2.version)
+    assert not second.decision.promote
+    assert "production v1" in second.decision.reason
+    assert second.metrics["production_eval_loss"] == pytest.approx(first.metrics["eval_loss"])
+    assert registry.production(name).version == "1"
+
+    registry.promote(name, "2", "by hand")
+    assert registry.production(name).version == "2"
+    assert registry.rollback(name) == ("2", "1")
+    assert registry.production(name).version == "1"
+    (model,) = registry.models(TEAM)
+    assert model["production"] == 1
+    decisions = {v["version"]: v["decision"] for v in model["versions"]}
+    assert decisions == {1: "promoted", 2: "rolled_back"}
+    assert model["versions"][0]["aliases"] == [PRODUCTION]
+
+
+def test_bad_inputs_register_nothing(settings, dataset_path: Path, tmp_path: Path) -> None:
+    registry = Registry(settings)
+
+    def fails(match: str, config: TrainConfig, path: Path = dataset_path, user: str = USER):
+        with pytest.raises(DoppelError, match=match):
+            train_user(settings, TEAM, user, path, config)
+
+    fails("the minimum is 100000", load_train_config(None, min_train_samples=100_000))
+    fails("belongs to U0000001, not U0000004", TrainConfig(), user="U0000004")
+    fails("no dataset at", TrainConfig(), path=tmp_path / "nothing")
+    fails("does not exist or has no config.json", TrainConfig(base_model=str(tmp_path)))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(DoppelError, match=r"unknown config key 'lora.rank'.*alpha, dropout, r"):
+        load_train_config(bad_yaml)
+    assert registry.models() == []
+
+
+def test_unreachable_mlflow_is_a_clear_error(settings, dataset_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(DoppelError, match=r"MLflow is unreachable at http://127\.0\.0\.1:9"):
+        train_user(settings, TEAM, USER, dataset_path, TrainConfig())
+
+
+def test_empty_validation_is_refused(settings, dataset_path: Path, tmp_path: Path) -> None:
+    dataset = load_from_disk(str(dataset_path))
+    empty = DatasetDict(
+        {"train": dataset["train"], "validation": dataset["validation"].filter(lambda _: False)}
+    )
+    empty.save_to_disk(str(tmp_path / "ds"), num_shards={"train": 1, "validation": 1})
+    with pytest.raises(DoppelError, match="no validation samples"):
+        train_user(settings, TEAM, USER, tmp_path / "ds", TrainConfig())
