@@ -238,6 +238,8 @@ def train(
         console.print("no dataset yet: building it first")
         build_dataset(settings, user_id, workspace=team_id)
     trained = train_flow(user_id, team_id, str(config) if config else None, max_steps)
+    if trained["resumed_from"]:
+        console.print(f"resumed from {Path(trained['resumed_from']).name}")
     console.print(
         f"registered {trained['name']} version {trained['version']} as challenger "
         f"({trained['steps']} steps, MLflow run {trained['run_id']})"

@@ -105,11 +105,13 @@ class Registry:
             ) from None
 
     def versions(self, name: str) -> list[ModelVersion]:
+        """Every version, oldest first, with aliases (searches leave those out)."""
         try:
             found = self.client.search_model_versions(f"name = '{name}'")
         except (MlflowException, RestException):
             return []
-        return sorted(found, key=lambda v: int(v.version))
+        ordered = sorted(found, key=lambda v: int(v.version))
+        return [self.client.get_model_version(name, str(v.version)) for v in ordered]
 
     def production(self, name: str) -> ModelVersion | None:
         try:
@@ -125,8 +127,10 @@ class Registry:
         """Move `production` to `version`, remembering the version it replaces."""
         self.version(name, version)
         current = self.production(name)
-        if current is not None and current.version != version:
-            self.client.set_model_version_tag(name, version, "previous_production", current.version)
+        if current is not None and str(current.version) != str(version):
+            self.client.set_model_version_tag(
+                name, version, "previous_production", str(current.version)
+            )
         self.client.set_registered_model_alias(name, PRODUCTION, version)
         self.record_decision(name, version, "promoted", reason)
 
@@ -143,7 +147,7 @@ class Registry:
             )
         self.client.set_registered_model_alias(name, PRODUCTION, previous)
         self.record_decision(name, current.version, "rolled_back", f"rolled back to {previous}")
-        return current.version, previous
+        return str(current.version), previous
 
     def download_adapter(self, name: str, version: str, into: Path) -> Path:
         """The version's adapter folder, fetched through MLflow (no shared disk needed)."""

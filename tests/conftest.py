@@ -58,6 +58,20 @@ def postgres() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled base model, converted once per test session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def settings(doppel_home: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Settings for tests that train: the shared model cache, a private DOPPEL_HOME."""
+    monkeypatch.setenv("DOPPEL_MODEL_CACHE", str(models_dir))
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
 def synth_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small deterministic synthetic workspace, written once per test session."""
     from doppel.synth import generate_workspace, write_export

@@ -11,7 +11,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from doppel.config import get_settings
 from doppel.dataset.build import build_dataset
 from doppel.errors import DoppelError
 from doppel.evaluate.run import evaluate_version
@@ -26,19 +25,6 @@ from doppel.train.trainer import train_adapter
 
 TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 4, "learning_rate": 2e-3}
 TEAM, USER = "T0SYNTH01", "U0000001"  # the synthetic "honestly, ... :rocket:" persona
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled model, converted once per test session."""
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture
-def settings(doppel_home: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("DOPPEL_MODEL_CACHE", str(models_dir))
-    get_settings.cache_clear()
-    return get_settings()
 
 
 @pytest.fixture
@@ -115,7 +101,7 @@ def test_registry_gate_both_ways_promote_and_rollback(settings, dataset_path: Pa
     assert first.decision.promote, first.decision.reason
     assert first.metrics["eval_loss"] < first.metrics["base_eval_loss"]
     assert {"style_similarity", "style_length_ratio", "style_distinct_2"} <= set(first.metrics)
-    assert registry.production(name).version == "1"
+    assert str(registry.production(name).version) == "1"
 
     # An adapter that barely moved from the base model cannot beat production.
     weak = load_train_config(None, max_steps=1, **(TINY | {"learning_rate": 1e-7}))
@@ -124,12 +110,12 @@ def test_registry_gate_both_ways_promote_and_rollback(settings, dataset_path: Pa
     assert not second.decision.promote
     assert "production v1" in second.decision.reason
     assert second.metrics["production_eval_loss"] == pytest.approx(first.metrics["eval_loss"])
-    assert registry.production(name).version == "1"
+    assert str(registry.production(name).version) == "1"
 
     registry.promote(name, "2", "by hand")
-    assert registry.production(name).version == "2"
+    assert str(registry.production(name).version) == "2"
     assert registry.rollback(name) == ("2", "1")
-    assert registry.production(name).version == "1"
+    assert str(registry.production(name).version) == "1"
     (model,) = registry.models(TEAM)
     assert model["production"] == 1
     decisions = {v["version"]: v["decision"] for v in model["versions"]}

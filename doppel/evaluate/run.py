@@ -45,7 +45,7 @@ def evaluate_version(
     name = model_name(team_id, user_id)
     candidate = registry.version(name, version or _challenger(registry, name))
     production = registry.production(name)
-    if production is not None and production.version == candidate.version:
+    if production is not None and str(production.version) == str(candidate.version):
         production = None  # scoring production against itself says nothing
 
     with tempfile.TemporaryDirectory(prefix="doppel-eval-") as scratch:
@@ -68,16 +68,16 @@ def evaluate_version(
             registry.promote(name, candidate.version, decision.reason)
         else:
             registry.record_decision(name, candidate.version, "rejected", decision.reason)
-    return Evaluation(name, candidate.version, metrics, decision, examples)
+    return Evaluation(name, str(candidate.version), metrics, decision, examples)
 
 
 def _challenger(registry: Registry, name: str) -> str:
     versions = registry.versions(name)
     for mv in versions:
         if CHALLENGER in mv.aliases:
-            return mv.version
+            return str(mv.version)
     if versions:
-        return versions[-1].version
+        return str(versions[-1].version)
     raise DoppelError(f"{name} has no versions yet", "train first: doppel train --user USER")
 
 
