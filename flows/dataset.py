@@ -8,9 +8,10 @@ from prefect import flow, task
 
 from doppel.config import get_settings
 from doppel.dataset.build import build_dataset
+from flows.common import transient
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def build_dataset_task(
     user: str,
     workspace: str | None,
