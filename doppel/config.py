@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     slack_api_url: str = Field("https://slack.com/api/", validation_alias="SLACK_API_URL")
     slack_bot_token: str | None = Field(None, validation_alias="SLACK_BOT_TOKEN")
     slack_user_token: str | None = Field(None, validation_alias="SLACK_USER_TOKEN")
+    # Read once here: MLflow itself rewrites MLFLOW_TRACKING_URI in os.environ once in use.
+    mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
     model_cache: Path | None = None  # converted base models; default DOPPEL_HOME/models
     slack: SlackSettings = SlackSettings()
     export: ExportSettings = ExportSettings()

@@ -8,7 +8,6 @@ carries the gate's decision and its reason as tags, and the version it replaced,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,7 @@ def model_name(team_id: str, user_id: str) -> str:
 
 def tracking_uri(settings: Settings) -> str:
     """`MLFLOW_TRACKING_URI`, or a SQLite store under DOPPEL_HOME."""
-    explicit = os.environ.get("MLFLOW_TRACKING_URI")
-    if explicit:
-        return explicit
-    return f"sqlite:///{settings.home.resolve() / 'mlflow.db'}"
+    return settings.mlflow_tracking_uri or f"sqlite:///{settings.home.resolve() / 'mlflow.db'}"
 
 
 @dataclass

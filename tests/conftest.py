@@ -25,7 +25,9 @@ def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     home = tmp_path / "home"
     monkeypatch.setenv("DOPPEL_HOME", str(home))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    for name in ("DATABASE_URL", "SLACK_BOT_TOKEN", "SLACK_USER_TOKEN", "SLACK_API_URL"):
+    # MLflow writes MLFLOW_TRACKING_URI into os.environ when used: start each test without it.
+    names = ("DATABASE_URL", "SLACK_BOT_TOKEN", "SLACK_USER_TOKEN", "SLACK_API_URL")
+    for name in (*names, "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     yield home

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from doppel.config import load_settings
 from doppel.dataset.build import build_dataset
 from doppel.errors import DoppelError
 from doppel.evaluate.run import evaluate_version
@@ -143,6 +144,7 @@ def test_bad_inputs_register_nothing(settings, dataset_path: Path, tmp_path: Pat
 
 def test_unreachable_mlflow_is_a_clear_error(settings, dataset_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    settings = load_settings()
     with pytest.raises(DoppelError, match=r"MLflow is unreachable at http://127\.0\.0\.1:9"):
         train_user(settings, TEAM, USER, dataset_path, TrainConfig())
 
