@@ -62,6 +62,7 @@ class _Files:
                 "download the export from Slack's 'Import/Export Data' page",
             )
         self.root = self._find_root()
+        self.folders = self._index_day_files()
 
     def _check_zip(self, max_bytes: int) -> None:
         assert self.zip is not None
@@ -99,13 +100,18 @@ class _Files:
     def has(self, name: str) -> bool:
         return self.root + name in self.names
 
+    def _index_day_files(self) -> dict[str, list[str]]:
+        """Day files by conversation folder, found in one pass over the archive."""
+        folders: dict[str, list[str]] = {}
+        for name in self.names:
+            relative = name[len(self.root) :]
+            folder, _, day = relative.partition("/")
+            if name.startswith(self.root) and day and "/" not in day and day.endswith(".json"):
+                folders.setdefault(folder, []).append(relative)
+        return {folder: sorted(days) for folder, days in folders.items()}
+
     def day_files(self, folder: str) -> list[str]:
-        prefix = f"{self.root}{folder}/"
-        return sorted(
-            name[len(self.root) :]
-            for name in self.names
-            if name.startswith(prefix) and name.endswith(".json") and "/" not in name[len(prefix) :]
-        )
+        return self.folders.get(folder, [])
 
     def load(self, name: str) -> Any:
         try:
