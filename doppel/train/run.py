@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
+from doppel.persona import Persona
 from doppel.registry import Registry, model_name
 from doppel.train.base_model import resolve_base_model
 from doppel.train.config import TrainConfig
@@ -109,6 +110,8 @@ def train_user(
                     "training was interrupted; no version was registered",
                     "run the same command again: it resumes from the last checkpoint",
                 ) from None
+        system_prompt = dataset["train"][0]["messages"][0]["content"]
+        Persona(team_id, user_id, system_prompt, config.base_model).write(result.adapter_dir)
         mlflow.log_artifacts(str(result.adapter_dir), "adapter")
         mlflow.log_figure(_loss_figure(result), "loss_curves.png")
         mlflow.log_metrics({"train_tokens": result.train_tokens, "steps": result.steps})

@@ -1,0 +1,234 @@
+"""Which adapter answers for whom: `production` aliases from MLflow, adapters on local disk.
+
+The catalog re-reads every person's `production` alias every `refresh_seconds` (or on
+demand) and downloads new versions into `DOPPEL_HOME/serve-cache/<name>/<version>`
+before any request needs them. Every (name, version) gets its own LoRA id, never reused,
+so a retrained adapter can never be mistaken for the one it replaced. When MLflow is
+down, the last known aliases (also kept on disk) and the cached adapters keep serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doppel.config import Settings
+from doppel.errors import DoppelError
+from doppel.persona import PERSONA_FILE, Persona
+from doppel.registry import Registry, model_name
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(DoppelError):
+    """The request named a person or version we do not have (HTTP 404)."""
+
+
+class RegistryUnavailable(DoppelError):
+    """MLflow is down and the adapter asked for is not cached (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One downloaded adapter version, ready for an engine to load."""
+
+    model_id: str  # what clients ask for: "<team_id>/<user_id>"
+    name: str  # the registered model, doppel.<team_id>.<user_id>
+    version: str
+    lora_id: int  # unique per (name, version) for the life of the process
+    path: Path
+    persona: Persona
+    rank: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def parse_model(model: str) -> tuple[str, str, str | None]:
+    """`T/U` or `T/U@3` to (team_id, user_id, version or None)."""
+    person, _, version = model.partition("@")
+    team_id, _, user_id = person.partition("/")
+    if not team_id or not user_id or "/" in user_id or (version == "" and "@" in model):
+        raise UnknownModel(
+            f"model '{model}' is not '<team_id>/<user_id>' or '<team_id>/<user_id>@<version>'",
+            "list the served models with GET /v1/models",
+        )
+    return team_id, user_id, version or None
+
+
+class AdapterCatalog:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache_dir = settings.home.resolve() / "serve-cache"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._aliases_file = self.cache_dir / "production.json"
+        self._production: dict[str, tuple[str, str]] = {}  # model_id -> (name, version)
+        self._adapters: dict[tuple[str, str], Adapter] = {}
+        self._lora_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.problems: dict[str, str] = {}  # model_id -> why it is not served
+        self.mlflow_reachable = False
+        self.last_error: str | None = None
+        self.last_refresh: float | None = None
+
+    # -- what is served ------------------------------------------------------------
+
+    def served(self) -> list[Adapter]:
+        """The production adapter of every person, sorted by model id."""
+        with self._lock:
+            keys = sorted(self._production.items())
+        return [self._adapters[key] for _, key in keys if key in self._adapters]
+
+    def max_rank(self) -> int:
+        return max((adapter.rank for adapter in self.served()), default=0)
+
+    def resolve(self, model: str) -> Adapter:
+        """The adapter for a request's `model`, downloading an explicit version if needed."""
+        team_id, user_id, version = parse_model(model)
+        model_id = f"{team_id}/{user_id}"
+        if version is None:
+            with self._lock:
+                key = self._production.get(model_id)
+            if key is None:
+                raise UnknownModel(f"no production adapter for '{model_id}'", self._known_hint())
+            return self._adapters[key]
+        name = model_name(team_id, user_id)
+        with self._lock:
+            cached = self._adapters.get((name, version))
+        return cached or self._load(model_id, name, version)
+
+    def _known_hint(self) -> str:
+        known = [adapter.model_id for adapter in self.served()]
+        return f"served models: {', '.join(known) or 'none yet (train and promote one)'}"
+
+    # -- refreshing from MLflow ------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read every `production` alias and fetch new versions; never raises."""
+        try:
+            production = self._read_aliases()
+        except Exception as error:  # MLflow down or broken: keep serving what we have
+            self.mlflow_reachable = False
+            self.last_error = str(error).splitlines()[0][:300]
+            log.warning("MLflow unreachable, serving cached adapters: %s", self.last_error)
+            if not self._production:
+                self._restore_aliases()
+            return
+        self.mlflow_reachable, self.last_error = True, None
+        resolved: dict[str, tuple[str, str]] = {}
+        for model_id, key in production.items():
+            try:
+                self._load(model_id, *key)
+            except Exception as error:
+                self.problems[model_id] = str(error)
+                log.warning("not serving %s: %s", model_id, error)
+                continue
+            self.problems.pop(model_id, None)
+            resolved[model_id] = key
+        with self._lock:
+            self._production = resolved
+        self.last_refresh = time.time()
+        self._save_aliases(resolved)
+
+    def _read_aliases(self) -> dict[str, tuple[str, str]]:
+        registry = Registry(self.settings)
+        production = {}
+        for registered in registry.client.search_registered_models("name LIKE 'doppel.%'"):
+            team_id = registered.tags.get("team_id")
+            user_id = registered.tags.get("user_id")
+            current = registry.production(registered.name)
+            if team_id and user_id and current is not None:
+                production[f"{team_id}/{user_id}"] = (registered.name, str(current.version))
+        return production
+
+    def _save_aliases(self, production: dict[str, tuple[str, str]]) -> None:
+        staging = self._aliases_file.with_suffix(".tmp")
+        staging.write_text(json.dumps({k: list(v) for k, v in production.items()}))
+        staging.replace(self._aliases_file)
+
+    def _restore_aliases(self) -> None:
+        """At a start with MLflow down: the aliases last seen, for the adapters on disk."""
+        if not self._aliases_file.is_file():
+            return
+        saved: dict[str, list[str]] = json.loads(self._aliases_file.read_text())
+        restored = {}
+        for model_id, (name, version) in saved.items():
+            try:
+                self._load(model_id, name, version)
+            except DoppelError:
+                continue
+            restored[model_id] = (name, version)
+        with self._lock:
+            self._production = restored
+
+    # -- local cache -------------------------------------------------------------------
+
+    def _load(self, model_id: str, name: str, version: str) -> Adapter:
+        """The adapter from the local cache, downloading it from MLflow on first use."""
+        with self._lock:
+            if (name, version) in self._adapters:
+                return self._adapters[(name, version)]
+        folder = self.cache_dir / name / version
+        if not (folder / PERSONA_FILE).is_file():
+            self._download(name, version, folder)
+        persona = Persona.read(folder)
+        if persona.base_model != self.settings.serve.base_model:
+            raise DoppelError(
+                f"{name} version {version} was trained on {persona.base_model}, "
+                f"but this server serves {self.settings.serve.base_model}",
+                "serve that base (serve.base_model) or retrain on this one",
+            )
+        with self._lock:
+            adapter = self._adapters.get((name, version))
+            if adapter is None:
+                adapter = Adapter(
+                    model_id, name, version, next(self._lora_ids), folder, persona, _rank(folder)
+                )
+                self._adapters[(name, version)] = adapter
+        return adapter
+
+    def _download(self, name: str, version: str, folder: Path) -> None:
+        """Fetch into a staging folder, then rename: a half download is never used."""
+        try:
+            registry = Registry(self.settings)
+        except DoppelError as error:
+            raise RegistryUnavailable(
+                f"{name} version {version} is not cached and MLflow is unreachable",
+                "retry when MLflow is back",
+            ) from error
+        try:
+            registry.version(name, version)
+        except DoppelError as error:  # an unknown version is a 404, not a 500
+            raise UnknownModel(error.message, error.hint) from None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
+        try:
+            adapter_dir = registry.download_adapter(name, version, staging)
+            Persona.read(adapter_dir)
+            shutil.rmtree(folder, ignore_errors=True)
+            adapter_dir.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mlflow_reachable": self.mlflow_reachable,
+            "last_error": self.last_error,
+            "last_refresh": self.last_refresh,
+            "served": len(self.served()),
+            "not_served": dict(self.problems),
+        }
+
+
+def _rank(adapter_dir: Path) -> int:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
