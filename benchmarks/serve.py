@@ -101,7 +101,9 @@ def start_server(settings: Settings, engine: str, port: int, log: Path) -> subpr
     raise SystemExit(f"doppel serve not ready after 10 minutes; see {log}")
 
 
-async def timed(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, int]:
+async def timed(
+    client: httpx.AsyncClient, url: str, model: str, max_tokens: int
+) -> tuple[float, int]:
     body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
     response = await client.post(url, json=body)
@@ -134,7 +136,9 @@ async def switch_costs(url: str, models: list[str], trials: int) -> dict[str, fl
     }
 
 
-async def load(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int) -> dict:
+async def load(
+    url: str, models: list[str], requests: int, concurrency: int, max_tokens: int
+) -> dict:
     """R requests, C in flight, cycling through `models`."""
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
