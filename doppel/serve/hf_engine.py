@@ -4,7 +4,8 @@ The base model is loaded once and each adapter is added to the same `PeftModel` 
 its own name, "lora<id>" (PEFT names are module keys, so no dots). One worker thread
 owns the model: it takes every waiting request with the same sampling settings, up to
 `max_batch_size`, and decodes them together, with PEFT's `adapter_names=` routing each
-row through its own adapter (or none, for "__base__"). Tokens go back to each request as they are produced.
+row through its own adapter (or none, for "__base__"). Tokens go back to each request
+as they are produced.
 """
 
 from __future__ import annotations
