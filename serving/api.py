@@ -156,11 +156,19 @@ class Server:
         return Started(request_id, adapter, prompt, deltas)
 
 
-def create_app(settings: Settings, engine_kind: str | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, engine_kind: str | None = None, self_url: str | None = None
+) -> FastAPI:
+    """The model API; with `self_url` and Slack configured, the Slack app beside it.
+
+    The Slack app calls the model API at `self_url` over HTTP, exactly as it does when it
+    runs alone (`doppel slack-app`), so both deployments exercise one code path.
+    """
     # Fail fast on a dead MLflow instead of retrying for minutes: cached adapters keep serving.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     server = Server(settings, engine_kind)
+    closers: list[Callable[[], None]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +178,8 @@ def create_app(settings: Settings, engine_kind: str | None = None) -> FastAPI:
             yield
         finally:
             refresher.cancel()
+            for close in closers:
+                close()
             await server.engine.close()
 
     app = FastAPI(title="DoppelBot model API", lifespan=lifespan)
@@ -177,6 +187,17 @@ def create_app(settings: Settings, engine_kind: str | None = None) -> FastAPI:
     _add_middleware(app, server)
     _add_error_handlers(app)
     _add_routes(app, server)
+    if self_url and settings.slack_signing_secret:
+        from doppel.model_client import ModelClient
+        from serving.slack.app import mount_slack
+
+        model = ModelClient(
+            self_url,
+            timeout=settings.slack_app.reply_timeout_seconds,
+            max_tokens=settings.slack_app.max_tokens,
+        )
+        closers += [mount_slack(app, settings, model).close, model.close]
+    app.state.slack = bool(closers)
     return app
 
 
