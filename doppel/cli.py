@@ -230,10 +230,12 @@ def train(
     """Train a LoRA adapter on the user's dataset and register it as `challenger`."""
     settings = get_settings()
     _prefect_env(settings)
+    from doppel.consent import require_consent
     from doppel.dataset.build import build_dataset
     from flows.train import train_flow
 
     team_id, user_id = _person(user, workspace)
+    require_consent(settings, team_id, user_id)
     if not settings.dataset_dir(team_id, user_id).exists():
         console.print("no dataset yet: building it first")
         build_dataset(settings, user_id, workspace=team_id)
@@ -329,7 +331,12 @@ def pipeline(
     """Ingest (when Slack is configured), dataset, train, evaluate and gate, in Prefect."""
     if bool(user) == all_users:
         raise DoppelError("pass either --user USER or --all", "see doppel pipeline --help")
-    _prefect_env(get_settings())
+    settings = get_settings()
+    if user:  # refuse before Prefect starts (the flow checks again, for deployments)
+        from doppel.consent import require_consent
+
+        require_consent(settings, *_person(user, workspace))
+    _prefect_env(settings)
     from flows.pipeline import retrain_flow, user_pipeline_flow
 
     recipe = str(config) if config else None
@@ -340,6 +347,136 @@ def pipeline(
     for outcome in outcomes:
         console.print(f"{outcome['user_id']}: {outcome['outcome']} ({outcome.get('reason', '')})")
     _emit(outcomes, as_json)
+
+
+# -- consent, workspace limits and the Slack app ----------------------------------------
+
+consent_app = typer.Typer(
+    no_args_is_help=True,
+    help="Record consent collected outside Slack (the CLI side of /doppel optin and optout).",
+)
+app.add_typer(consent_app, name="consent")
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@consent_app.command("grant")
+def consent_grant(
+    user: Annotated[str, typer.Argument(help="User id, name, display or real name.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Record that USER agreed to be trained and impersonated."""
+    from doppel.consent import grant
+    from doppel.store.lookup import find_person
+
+    with _database(get_settings()).transaction() as session:
+        ws, person = find_person(session, user, workspace)
+        new = grant(session, ws.id, person.id, _operator())
+    state = "now consents" if new else "had already consented"
+    console.print(f"{person.label} ({person.id}) of {ws.id} {state}")
+
+
+@consent_app.command("revoke")
+def consent_revoke(
+    user: Annotated[str, typer.Argument(help="User id, name, display or real name.")],
+    workspace: WorkspaceOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Withdraw USER's consent and delete their datasets, adapters and registry versions."""
+    from dataclasses import asdict
+
+    from doppel.consent import revoke
+    from doppel.store.lookup import find_person
+
+    settings = get_settings()
+    db = _database(settings)
+    with db.session() as session:
+        ws, person = find_person(session, user, workspace)
+    deletion = revoke(settings, db, ws.id, person.id, _operator())
+    console.print(f"{person.label} ({person.id}) of {ws.id} no longer consents. Deleted:")
+    for line in deletion.lines():
+        console.print(f"  {line}")
+    _emit(asdict(deletion), as_json)
+
+
+@consent_app.command("list")
+def consent_list(workspace: WorkspaceOption = None, as_json: JsonFlag = False) -> None:
+    """Everyone whose consent is recorded, with who recorded it and when."""
+    from sqlalchemy import select
+
+    from doppel.store.lookup import people, resolve_workspace
+    from doppel.store.models import Enrollment
+
+    with _database(get_settings()).session() as session:
+        ws = resolve_workspace(session, workspace)
+        known = people(session, ws.id)
+        rows = session.scalars(
+            select(Enrollment).where(Enrollment.workspace_id == ws.id).order_by(Enrollment.user_id)
+        ).all()
+    table = Table("id", "name", "consent", "by", "at")
+    result = []
+    for row in rows:
+        person = known.get(row.user_id)
+        label = person.label if person else ""
+        table.add_row(
+            row.user_id,
+            label,
+            "granted" if row.granted else "revoked",
+            row.changed_by,
+            f"{row.changed_at:%Y-%m-%d %H:%M}",
+        )
+        result.append({"user_id": row.user_id, "name": label, "granted": row.granted})
+    console.print(table)
+    _emit(result, as_json)
+
+
+@app.command()
+def limits(
+    workspace: Annotated[str, typer.Option("--workspace", help="Workspace id (team_id).")],
+    max_enrolled: Annotated[int | None, typer.Option(min=0, help="People who may opt in.")] = None,
+    trainings_per_day: Annotated[
+        int | None, typer.Option(min=0, help="/doppel train requests per 24 hours.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show, or set, a workspace's limits (defaults: the slack_app settings)."""
+    from dataclasses import asdict
+
+    from doppel.workspace_state import limits as current_limits
+    from doppel.workspace_state import set_limits
+
+    settings = get_settings()
+    with _database(settings).transaction() as session:
+        set_limits(session, workspace, max_enrolled, trainings_per_day)
+        now = current_limits(session, workspace, settings.slack_app)
+    console.print(
+        f"{workspace}: at most {now.max_enrolled} people enrolled, "
+        f"{now.trainings_per_day} trainings per 24 hours"
+    )
+    _emit(asdict(now), as_json)
+
+
+@app.command("slack-app")
+def slack_app(
+    serving_url: Annotated[
+        str | None, typer.Option(help="The model API (default: DOPPEL_SERVING_URL).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+) -> None:
+    """Run the Slack app alone, calling the model API over HTTP (see README, Slack app)."""
+    import uvicorn
+
+    from serving.slack import standalone_app
+
+    settings = get_settings()
+    model_api = serving_url or settings.serving_url
+    console.print(f"Slack app on http://{host}:{port}/slack/events, model API {model_api}")
+    uvicorn.run(standalone_app(settings, model_api), host=host, port=port)
 
 
 # -- synthetic data and the emulator ---------------------------------------------------
@@ -360,6 +497,36 @@ def synth(
     console.print(
         f"wrote {path}: {len(workspace.users)} users, {len(workspace.channels)} channels, "
         f"{sum(len(m) for m in workspace.messages.values())} messages (team {workspace.team_id})"
+    )
+
+
+@app.command()
+def serve(
+    engine: Annotated[
+        str | None, typer.Option(help="vllm or transformers (default: serve.engine, auto).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Serve every person's production adapter over an OpenAI-style API (and the Slack app)."""
+    import uvicorn
+
+    from serving.api import create_app
+
+    if engine not in (None, "auto", "vllm", "transformers"):
+        raise DoppelError(f"unknown engine '{engine}'", "use vllm or transformers")
+    settings = get_settings()
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    app = create_app(settings, engine, self_url=f"http://{local}:{port}")
+    slack = "with the Slack app at /slack/events" if app.state.slack else "no Slack app"
+    kind = engine or settings.serve.engine
+    console.print(f"serving on http://{host}:{port} (engine: {kind}; {slack})")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=30,  # in-flight completions get this long to finish
+        log_level="warning",
     )
 
 

@@ -4,8 +4,9 @@ Values come, lowest priority first, from the defaults below, a YAML file
 (`DOPPEL_CONFIG`, default `configs/doppel.yaml` when it exists) and environment
 variables. Nested values are overridden with `DOPPEL_<SECTION>__<KEY>`, e.g.
 `DOPPEL_DATASET__MIN_CHARS=50`; the well-known names `DOPPEL_HOME`,
-`DATABASE_URL`, `SLACK_BOT_TOKEN`, `SLACK_USER_TOKEN` and `SLACK_API_URL` are
-read as they are.
+`DATABASE_URL`, `SLACK_BOT_TOKEN`, `SLACK_USER_TOKEN`, `SLACK_API_URL`,
+`SLACK_SIGNING_SECRET`, `SLACK_CLIENT_ID`, `SLACK_CLIENT_SECRET`, `DOPPEL_SECRET_KEY`,
+`DOPPEL_SERVING_URL` and `PREFECT_API_URL` are read as they are.
 """
 
 from __future__ import annotations
@@ -97,6 +98,59 @@ class PipelineSettings(Section):
     training_slots: int = Field(1, ge=1)  # Prefect concurrency limit "doppel-training"
 
 
+class SlackAppSettings(Section):
+    """The Slack app: installation, how it answers, and each workspace's default limits."""
+
+    # OAuth (many workspaces): where Slack's consent screen is, and where it sends people back.
+    authorization_url: str = "https://slack.com/oauth/v2/authorize"
+    redirect_uri: str | None = None  # https://<your host>/slack/oauth_redirect
+    scopes: list[str] = [
+        "app_mentions:read",
+        "channels:history",
+        "channels:read",
+        "chat:write",
+        "chat:write.customize",
+        "commands",
+        "groups:history",
+        "users:read",
+    ]
+    admins: list[str] = []  # user ids that may train others, beside Slack's admins and owners
+    history_messages: int = Field(30, ge=1, le=200)  # context when a mention is not in a thread
+    max_tokens: int = Field(200, ge=1)  # longest reply asked of the model API
+    reply_timeout_seconds: float = Field(120.0, gt=0)
+    # Trainings started with `/doppel train` (without a Prefect server): recipe and step cap.
+    train_config: Path | None = None
+    train_max_steps: int | None = Field(None, ge=1)
+    deployment: str = "user-pipeline/train-user"  # run when PREFECT_API_URL is set
+    # Defaults for every workspace; `doppel limits` overrides them per workspace.
+    max_enrolled: int = Field(50, ge=0)  # people who may opt in
+    trainings_per_day: int = Field(10, ge=0)  # `/doppel train` requests per 24 hours
+
+
+class ServeSettings(Section):
+    """The model API: which engine, how adapters are cached, and the limits that keep it up."""
+
+    engine: str = Field("auto", pattern="^(auto|vllm|transformers)$")  # auto: vLLM if installed
+    base_model: str = "smollm2-135m-instruct"  # adapters trained on another base are not served
+    refresh_seconds: float = Field(30.0, gt=0)  # how often the `production` aliases are re-read
+    max_loaded_adapters: int = Field(16, ge=1)  # adapters kept in memory, least recently used out
+    max_gpu_loras: int = Field(4, ge=1)  # vLLM: distinct adapters in one batch
+    max_lora_rank: int = Field(16, ge=1)  # vLLM: raised to the largest registered rank
+    max_model_len: int = Field(2048, ge=64)
+    max_prompt_tokens: int = Field(1536, ge=16)  # older turns dropped beyond this, as in training
+    max_tokens_limit: int = Field(512, ge=1)  # the most a request may ask `max_tokens` for
+    default_max_tokens: int = Field(128, ge=1)
+    max_messages: int = Field(64, ge=1)
+    max_message_chars: int = Field(8000, ge=1)
+    max_request_bytes: int = Field(256_000, ge=1024)
+    max_batch_size: int = Field(8, ge=1)  # transformers engine: requests decoded together
+    max_inflight: int = Field(16, ge=1)  # beyond this, 429 with Retry-After
+    request_timeout_seconds: float = Field(120.0, gt=0)
+    kv_cache_gib: float = Field(1.0, gt=0)  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
+    enforce_eager: bool | None = None  # vLLM: None = eager on CPU, CUDA graphs on GPU
+    admin_token: str | None = None  # when set, POST /admin/reload needs "Bearer <token>"
+
+
 def _yaml_path() -> Path | None:
     explicit = os.environ.get("DOPPEL_CONFIG")
     if explicit:
@@ -123,6 +177,13 @@ class Settings(BaseSettings):
     slack_api_url: str = Field("https://slack.com/api/", validation_alias="SLACK_API_URL")
     slack_bot_token: str | None = Field(None, validation_alias="SLACK_BOT_TOKEN")
     slack_user_token: str | None = Field(None, validation_alias="SLACK_USER_TOKEN")
+    # The Slack app: one workspace with SLACK_BOT_TOKEN, or OAuth with the client id and secret.
+    slack_signing_secret: str | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
+    slack_client_id: str | None = Field(None, validation_alias="SLACK_CLIENT_ID")
+    slack_client_secret: str | None = Field(None, validation_alias="SLACK_CLIENT_SECRET")
+    secret_key: str | None = Field(None, validation_alias="DOPPEL_SECRET_KEY")  # Fernet key(s)
+    serving_url: str = Field("http://127.0.0.1:8000", validation_alias="DOPPEL_SERVING_URL")
+    prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     # Read once here: MLflow itself rewrites MLFLOW_TRACKING_URI in os.environ once in use.
     mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
     model_cache: Path | None = None  # converted base models; default DOPPEL_HOME/models
@@ -130,6 +191,8 @@ class Settings(BaseSettings):
     export: ExportSettings = ExportSettings()
     dataset: DatasetSettings = DatasetSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    serve: ServeSettings = ServeSettings()
+    slack_app: SlackAppSettings = SlackAppSettings()
 
     @classmethod
     def settings_customise_sources(

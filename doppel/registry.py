@@ -17,6 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
@@ -64,13 +65,14 @@ class Registry:
     # -- experiments ----------------------------------------------------------------
 
     def experiment_id(self, team_id: str) -> str:
-        """One experiment per workspace; local stores keep artifacts under DOPPEL_HOME."""
+        """One experiment per workspace. Without a tracking server (SQLite or PostgreSQL
+        straight from this process) artifacts go under DOPPEL_HOME, not the working folder."""
         name = f"doppel/{team_id}"
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         location = None
-        if self.uri.startswith("sqlite:"):
+        if not self.uri.startswith(("http://", "https://")):
             location = (self.settings.home.resolve() / "mlartifacts" / team_id).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
@@ -144,6 +146,28 @@ class Registry:
         self.client.set_registered_model_alias(name, PRODUCTION, previous)
         self.record_decision(name, current.version, "rolled_back", f"rolled back to {previous}")
         return str(current.version), previous
+
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """Delete a person's registered model, every version, and the MLflow runs behind
+        them with their artifacts (the adapters). Returns what was deleted; a model that
+        does not exist deletes nothing."""
+        deleted: dict[str, Any] = {"name": name, "versions": [], "runs": []}
+        versions = self.versions(name)
+        runs = list(dict.fromkeys(v.run_id for v in versions if v.run_id))
+        for mv in versions:
+            self.client.delete_model_version(name, str(mv.version))
+            deleted["versions"].append(str(mv.version))
+        try:
+            self.client.delete_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        for run_id in runs:
+            artifact_uri = self.client.get_run(run_id).info.artifact_uri
+            get_artifact_repository(artifact_uri).delete_artifacts()
+            self.client.delete_run(run_id)
+            deleted["runs"].append(run_id)
+        return deleted
 
     def download_adapter(self, name: str, version: str, into: Path) -> Path:
         """The version's adapter folder, fetched through MLflow (no shared disk needed)."""

@@ -1,8 +1,9 @@
 """The whole chain: ingest -> dataset -> train -> evaluate -> gate.
 
 `user_pipeline_flow` runs it for one person (the `train-user` deployment);
-`retrain_flow` runs it nightly for every enrolled person of a workspace who has enough
+`retrain_flow` runs it nightly for every person of a workspace who opted in and has enough
 new samples, each in a subflow of its own so that one failure never stops the others.
+Nobody is trained without consent.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from prefect import flow
 
 from doppel.config import get_settings
+from doppel.consent import consented_users, require_consent
 from doppel.registry import Registry, model_name
 from doppel.store.database import Database
 from doppel.store.lookup import resolve_workspace
+from flows.common import person_ids
 from flows.dataset import build_dataset_task
 from flows.evaluate import evaluate_task
 from flows.ingest import ingest_flow
@@ -37,6 +40,8 @@ def user_pipeline_flow(
     is configured). Skips training when fewer than `min_new_samples` samples are new."""
     if ingest and _slack_configured():
         ingest_flow()
+    settings = get_settings()
+    require_consent(settings, *person_ids(settings, user, workspace))
     dataset = build_dataset_task(user, workspace, None, None, None)
     team_id, user_id = dataset["workspace_id"], dataset["user_id"]
     new = dataset["train"] - _last_trained_samples(team_id, user_id)
@@ -91,8 +96,13 @@ def retrain_flow(
 
 
 def enrolled_users(team_id: str) -> list[str]:
-    """People with a registered model in this workspace: they have been trained before."""
-    return [model["user_id"] for model in Registry(get_settings()).models(team_id)]
+    """People of this workspace who opted in (`/doppel optin`, `doppel consent grant`)."""
+    db = Database(get_settings().db_url)
+    try:
+        with db.session() as session:
+            return consented_users(session, team_id)
+    finally:
+        db.dispose()
 
 
 def _last_trained_samples(team_id: str, user_id: str) -> int:

@@ -6,8 +6,10 @@ exercised offline: cursor pagination, threads, posting, OAuth installs, and the 
 real Slack throws at clients (rate limits with Retry-After, 5xx answers, slow replies).
 
 Helper endpoints outside Slack's API make the state easy to check:
-`GET /emulator/messages/{channel}`, `GET /emulator/requests` and
-`GET /emulator/oauth/authorize` (Slack's consent screen with "Allow" already clicked).
+`GET /emulator/messages/{channel}`, `GET /emulator/requests`,
+`GET /emulator/oauth/authorize` (Slack's consent screen with "Allow" already clicked)
+and `/emulator/responses/{key}` (a slash command's `response_url`: POST to answer, GET
+to read the answers).
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ class Emulator:
         )
         self.tokens = set(config.tokens)
         self.oauth_codes: dict[str, OAuthGrant] = {}
+        self.responses: dict[str, list[SlackDict]] = {}  # response_url key -> messages
         self.request_log: list[LoggedRequest] = []
         self._fault_dice = random.Random(config.fail_seed)
         self._failures = 0
@@ -292,6 +295,15 @@ class Emulator:
         if conversation is None or not self.is_visible(conversation, who):
             raise SlackError("channel_not_found")
         return conversation
+
+    def direct_message(self, user_id: str) -> Conversation:
+        """The app's DM with a person (`D` + their id without its `U`), opened on first use."""
+        dm_id = "D" + user_id[1:]
+        if dm_id not in self.conversations:
+            info = {"id": dm_id, "is_im": True, "user": user_id, "created": int(time.time())}
+            self.conversations[dm_id] = Conversation(info, [])
+            self.members.add(dm_id)
+        return self.conversations[dm_id]
 
     def readable(self, params: Params, who: Identity) -> Conversation:
         """The conversation named by `channel`, if the caller may read and write it."""
@@ -555,6 +567,9 @@ def _blocks(params: Params) -> Any:
 
 
 def chat_post_message(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
+    """A user id as `channel` posts in the app's DM with that person, as on Slack."""
+    if who.bot_id and emulator.user(params.get("channel")) is not None:
+        params = {**params, "channel": emulator.direct_message(params["channel"]).id}
     conversation = emulator.readable(params, who)
     if conversation.info.get("is_archived"):
         raise SlackError("is_archived")
@@ -706,6 +721,23 @@ async def oauth_authorize(request: Request) -> Response:
     parts = urlsplit(params["redirect_uri"])
     query = f"{parts.query}&{urlencode(answer)}" if parts.query else urlencode(answer)
     return RedirectResponse(urlunsplit(parts._replace(query=query)), status_code=302)
+
+
+@router.post("/emulator/responses/{key}")
+async def response_url(key: str, request: Request) -> JSONResponse:
+    """A slash command's `response_url`: what an app posts here is kept for tests."""
+    try:
+        message = json.loads(await request.body())
+    except json.JSONDecodeError:
+        return JSONResponse({"ok": False, "error": "invalid_json"}, status_code=400)
+    _emulator(request).responses.setdefault(key, []).append(message)
+    return JSONResponse({"ok": True})
+
+
+@router.get("/emulator/responses/{key}")
+async def responses(key: str, request: Request) -> JSONResponse:
+    """Every message posted to one `response_url`, oldest first."""
+    return JSONResponse(_emulator(request).responses.get(key, []))
 
 
 @router.get("/emulator/messages/{channel}")

@@ -17,6 +17,14 @@ from tests.postgres import PostgresCluster
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_EXPORT = REPO.parent / "shared" / "data" / "slack-exports" / "houstondatavis-2016.zip"
+SLACK_APP_ENV = (
+    "SLACK_SIGNING_SECRET",
+    "SLACK_CLIENT_ID",
+    "SLACK_CLIENT_SECRET",
+    "DOPPEL_SECRET_KEY",
+    "DOPPEL_SERVING_URL",
+    "PREFECT_API_URL",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +35,7 @@ def doppel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # MLflow writes MLFLOW_TRACKING_URI into os.environ when used: start each test without it.
     names = ("DATABASE_URL", "SLACK_BOT_TOKEN", "SLACK_USER_TOKEN", "SLACK_API_URL")
+    names += SLACK_APP_ENV
     for name in (*names, "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()

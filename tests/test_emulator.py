@@ -18,6 +18,7 @@ from slack_sdk.http_retry.builtin_handlers import (
     ServerErrorRetryHandler,
 )
 from slack_sdk.http_retry.builtin_interval_calculators import FixedValueRetryIntervalCalculator
+from slack_sdk.webhook import WebhookClient
 
 from doppel.slack.export import SlackExport, read_export
 from doppel.synth import generate_workspace, write_export
@@ -398,3 +399,33 @@ def test_oauth_install(workspace: SlackExport) -> None:
             lambda: anonymous.oauth_v2_access(client_id="x", client_secret="y", code=code)
         )
         assert wrong_client.response["error"] == "invalid_client_id"
+
+
+def test_posting_to_a_user_id_lands_in_the_apps_dm_with_them(workspace: SlackExport) -> None:
+    with running(workspace) as (url, _):
+        client = WebClient(token=BOT, base_url=url)
+        first = client.chat_postMessage(channel="U002", text="your training started")
+        second = client.chat_postMessage(channel="U002", text="your training finished")
+        assert first["channel"] == second["channel"] == "D002"
+        history = client.conversations_history(channel="D002")["messages"]
+        assert [m["text"] for m in history] == ["your training finished", "your training started"]
+        dump = httpx.get(urljoin(url, "/emulator/messages/D002")).json()
+        assert [m["text"] for m in dump] == ["your training started", "your training finished"]
+        as_user = WebClient(token=USER_TOKEN, base_url=url)
+        assert (
+            _error(lambda: as_user.chat_postMessage(channel="U002", text="x")).response["error"]
+            == "channel_not_found"
+        )  # only the app has a DM with everyone
+
+
+def test_response_urls_keep_what_is_posted_to_them(workspace: SlackExport) -> None:
+    with running(workspace) as (url, emulator):
+        hook = urljoin(url, "/emulator/responses/cmd-1")
+        WebhookClient(hook).send(text="first answer", response_type="ephemeral")
+        WebhookClient(hook).send(text="second answer")
+        answers = httpx.get(hook).json()
+        assert [a["text"] for a in answers] == ["first answer", "second answer"]
+        assert answers[0]["response_type"] == "ephemeral"
+        assert emulator.responses["cmd-1"] == answers
+        assert httpx.get(urljoin(url, "/emulator/responses/other")).json() == []
+        assert httpx.post(hook, content=b"not json").status_code == 400

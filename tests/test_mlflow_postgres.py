@@ -41,7 +41,7 @@ def test_the_registry_on_postgresql(
     name = model_name(TEAM, USER)
     registry.promote(name, first.version, "first")
     registry.promote(name, second.version, "second")
-    assert registry.production(name).version == second.version
+    assert str(registry.production(name).version) == second.version
     assert registry.rollback(name) == (second.version, first.version)
 
     (model,) = registry.models(TEAM)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from doppel.consent import grant
 from doppel.ingest import ingest_export
 from doppel.registry import Registry, model_name
 from doppel.store.database import Database
@@ -30,7 +31,11 @@ def tiny_config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def workspace(settings, synth_zip: Path) -> None:
-    ingest_export(Database(settings.db_url), synth_zip, max_bytes=2**26)
+    """The synthetic workspace, where USER consented to be trained."""
+    db = Database(settings.db_url)
+    ingest_export(db, synth_zip, max_bytes=2**26)
+    with db.transaction() as session:
+        grant(session, TEAM, USER, "test")
 
 
 pytestmark = pytest.mark.usefixtures("workspace")
@@ -63,14 +68,9 @@ def test_nightly_retrain_isolates_failures(settings, tiny_config: Path) -> None:
 
     from flows.pipeline import retrain_flow
 
-    registry = Registry(settings)
-    # Someone enrolled who no longer yields samples: their run fails, the others go on.
-    registry.client.create_registered_model(
-        model_name(TEAM, "U0BOT0001"), tags={"team_id": TEAM, "user_id": "U0BOT0001"}
-    )
-    registry.client.create_registered_model(
-        model_name(TEAM, USER), tags={"team_id": TEAM, "user_id": USER}
-    )
+    # Someone enrolled who yields no samples: their run fails, the others go on.
+    with Database(settings.db_url).transaction() as session:
+        grant(session, TEAM, "U0BOT0001", "test")
     with prefect_test_harness():
         outcomes = retrain_flow(config=str(tiny_config), min_new_samples=0)
         skipped = retrain_flow(config=str(tiny_config), min_new_samples=10_000)

@@ -17,12 +17,13 @@ from doppel.config import Settings, load_settings
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.registry import Registry, model_name
-from doppel.serve.adapters import AdapterCatalog
-from doppel.serve.engine import vllm_available
+from doppel.serve.adapters import AdapterCatalog, UnknownModel
+from doppel.serve.engine import SamplingOptions, vllm_available
+from doppel.serve.hf_engine import TransformersEngine
 from doppel.store.database import Database
 from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import load_train_config
-from doppel.train.encode import IGNORE, encode
+from doppel.train.encode import IGNORE, encode, render
 from doppel.train.run import train_user
 from tests.servers import BIN, Process, free_port, mlflow_server
 
@@ -44,6 +45,12 @@ class World:
 
     def registry(self) -> Registry:
         return Registry(self.settings)
+
+    def private(self, home: Path, **serve: object) -> Settings:
+        """These settings with a home of their own: an in-process catalog must not share
+        its adapter cache with the running server's."""
+        limits = self.settings.serve.model_copy(update=serve)
+        return self.settings.model_copy(update={"home": home, "serve": limits})
 
     def server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DOPPEL_", "MLFLOW_"))}
@@ -252,10 +259,9 @@ def test_cached_adapters_keep_serving_while_mlflow_is_down(api: Process, world: 
 
 def test_a_restart_with_mlflow_down_serves_the_last_known_versions(world: World, tmp_path: Path):
     """The catalog a fresh server builds from disk alone, MLflow being unreachable."""
-    AdapterCatalog(world.settings).refresh()  # leaves production.json and the cache behind
-    offline = world.settings.model_copy(
-        update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"}
-    )
+    settings = world.private(tmp_path)
+    AdapterCatalog(settings).refresh()  # leaves production.json and the cache behind
+    offline = settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     catalog = AdapterCatalog(offline)
     catalog.refresh()
     assert not catalog.mlflow_reachable
@@ -276,3 +282,47 @@ def test_sigterm_lets_inflight_completions_finish(api: Process):
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
     # uvicorn re-raises the SIGTERM once it has drained, so the exit status says "terminated".
     assert api.proc.wait(timeout=60) in (0, -15)
+
+
+def test_a_model_deleted_from_the_registry_leaves_no_cached_copy(world: World, tmp_path: Path):
+    """Opting out deletes the registered model; the next refresh drops its adapter files."""
+    registry = world.registry()
+    gone = model_name(TEAM, "UGONE")
+    registry.client.create_registered_model(gone, tags={"team_id": TEAM, "user_id": "UGONE"})
+    source = registry.version(NAME, "1").source
+    version = registry.client.create_model_version(gone, source=source)
+    registry.promote(gone, str(version.version), "test")
+    catalog = AdapterCatalog(world.private(tmp_path))
+    catalog.refresh()
+    assert (catalog.cache_dir / gone).is_dir() and catalog.resolve(f"{TEAM}/UGONE")
+
+    registry.client.delete_registered_model(gone)
+    catalog.refresh()
+    assert not (catalog.cache_dir / gone).exists()
+    with pytest.raises(UnknownModel):
+        catalog.resolve(f"{TEAM}/UGONE")
+    assert catalog.resolve(MODEL).version == "1"
+
+
+def test_adapters_in_memory_are_bounded_least_recently_used_first(world: World, tmp_path: Path):
+    """transformers engine, in-process: with room for one adapter, switching evicts."""
+    settings = world.private(tmp_path, max_loaded_adapters=1)
+    catalog = AdapterCatalog(settings)
+    catalog.refresh()
+    v1, v2 = catalog.resolve(f"{MODEL}@1"), catalog.resolve(f"{MODEL}@2")
+    assert v1.lora_id != v2.lora_id
+    base = resolve_base_model(settings.serve.base_model, settings.models_dir)
+    engine = TransformersEngine(settings, base)
+
+    async def ask_in_turn() -> None:
+        await engine.start([])
+        prompt = render(engine.tokenizer, QUESTION, generation=True)
+        for adapter in (v1, v2, v2, v1):
+            options = SamplingOptions(max_tokens=2, temperature=0)
+            async for _ in engine.generate("r", prompt, adapter, options):
+                pass
+        await engine.close()
+
+    asyncio.run(ask_in_turn())
+    assert (engine.stats.loads, engine.stats.hits, engine.stats.evictions) == (3, 1, 2)
+    assert list(engine.model.peft_config) == [f"lora{v1.lora_id}"]

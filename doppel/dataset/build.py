@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from doppel.config import DatasetSettings, Settings
+from doppel.consent import opted_out_users
 from doppel.dataset.clean import TextCleaner
-from doppel.dataset.conversations import Conversation, Segmentation, segment
+from doppel.dataset.conversations import Conversation, Segmentation, StoredMessage, segment
 from doppel.dataset.samples import Sample, SampleRules, split_samples, user_samples
 from doppel.errors import DoppelError
 from doppel.store.database import Database
@@ -86,8 +88,24 @@ def load_conversations(
         .execution_options(yield_per=10_000)
     )
     bots = {uid for uid, person in known.items() if person.is_bot}
+    opted_out = opted_out_users(session, workspace.id)
+    left_out: Counter[str] = Counter()
+    if opted_out:
+        rows = _without(rows, opted_out, left_out)
     segmentation = segment(rows, bots=bots, clean=cleaner, gap_minutes=gap_minutes)
+    segmentation.dropped.update(left_out)
     return WorkspaceConversations(workspace, known, channels, segmentation)
+
+
+def _without(
+    rows: Iterable[StoredMessage], opted_out: set[str], left_out: Counter[str]
+) -> Iterator[StoredMessage]:
+    """Messages of people who opted out never reach a dataset, not even as context."""
+    for row in rows:
+        if row.user_id in opted_out:
+            left_out["opted_out"] += 1
+        else:
+            yield row
 
 
 @dataclass

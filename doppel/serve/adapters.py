@@ -115,7 +115,7 @@ class AdapterCatalog:
     def refresh(self) -> None:
         """Re-read every `production` alias and fetch new versions; never raises."""
         try:
-            production = self._read_aliases()
+            registered, production = self._read_aliases()
         except Exception as error:  # MLflow down or broken: keep serving what we have
             self.mlflow_reachable = False
             self.last_error = str(error).splitlines()[0][:300]
@@ -138,17 +138,33 @@ class AdapterCatalog:
             self._production = resolved
         self.last_refresh = time.time()
         self._save_aliases(resolved)
+        self._forget_deleted(registered)
 
-    def _read_aliases(self) -> dict[str, tuple[str, str]]:
+    def _read_aliases(self) -> tuple[set[str], dict[str, tuple[str, str]]]:
+        """Every registered DoppelBot model, and the production version of each that has one."""
         registry = Registry(self.settings)
-        production = {}
+        names, production = set(), {}
         for registered in registry.client.search_registered_models("name LIKE 'doppel.%'"):
+            names.add(registered.name)
             team_id = registered.tags.get("team_id")
             user_id = registered.tags.get("user_id")
             current = registry.production(registered.name)
             if team_id and user_id and current is not None:
                 production[f"{team_id}/{user_id}"] = (registered.name, str(current.version))
-        return production
+        return names, production
+
+    def _forget_deleted(self, registered: set[str]) -> None:
+        """A model deleted from the registry (someone opted out) leaves no copy behind."""
+        with self._lock:
+            for key in [key for key in self._adapters if key[0] not in registered]:
+                del self._adapters[key]
+        for folder in self.cache_dir.iterdir():
+            if (
+                folder.is_dir()
+                and folder.name.startswith("doppel.")
+                and folder.name not in registered
+            ):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _save_aliases(self, production: dict[str, tuple[str, str]]) -> None:
         staging = self._aliases_file.with_suffix(".tmp")

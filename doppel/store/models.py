@@ -93,3 +93,73 @@ class ScrapeCursor(Base):
     run_newest: Mapped[str | None] = mapped_column(String(32))
     run_before: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# -- The Slack app's state, per workspace ----------------------------------------------
+# No foreign keys to `workspaces`: the app is often installed before anything is ingested.
+
+
+class Enrollment(Base):
+    """A person's consent: only people who opted in are trained or impersonated.
+
+    A revoked row is kept (not deleted) so that their messages stay out of every dataset,
+    even after a re-ingest brings them back into the store.
+    """
+
+    __tablename__ = "enrollments"
+
+    workspace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    granted: Mapped[bool] = mapped_column(Boolean)
+    changed_by: Mapped[str] = mapped_column(String(255))  # a Slack user id, or "cli:<login>"
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ActivePersona(Base):
+    """Who answers mentions: per channel, or workspace-wide (`channel_id` "*")."""
+
+    __tablename__ = "active_personas"
+
+    workspace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(32))
+    set_by: Mapped[str] = mapped_column(String(255))
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkspaceLimits(Base):
+    """An operator's limits for one workspace; absent values fall back to the settings."""
+
+    __tablename__ = "workspace_limits"
+
+    workspace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    max_enrolled: Mapped[int | None] = mapped_column(Integer)
+    trainings_per_day: Mapped[int | None] = mapped_column(Integer)
+
+
+class SlackEvent(Base):
+    """Events already handled, so that Slack's retries never cause a second reply."""
+
+    __tablename__ = "slack_events"
+    __table_args__ = (Index("ix_slack_events_received", "received_at"),)
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrainingRequest(Base):
+    """A `/doppel train` request and how it went, for `/doppel status` and the daily limit."""
+
+    __tablename__ = "training_requests"
+    __table_args__ = (Index("ix_training_requests_ws", "workspace_id", "requested_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workspace_id: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(32))
+    requested_by: Mapped[str] = mapped_column(String(32))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # running, done, failed
+    detail: Mapped[str | None] = mapped_column(Text)  # the outcome, or the error
+    flow_run: Mapped[str | None] = mapped_column(String(64))  # Prefect flow run id, if any
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,64 @@
+"""A live Slack conversation to the chat a persona's model answers.
+
+This is the training path, unchanged: the same cleaning (`TextCleaner`), the same
+filtering and turn merging (`segment`), the same trimming (`trim_context`) and the same
+rendering (`render_chat`). So a thread seen live is exactly what a training sample's
+context would have been. The system message is left out: the model API adds the
+persona's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from doppel.dataset.clean import TextCleaner
+from doppel.dataset.conversations import StoredMessage, segment
+from doppel.dataset.samples import ChatMessage, SampleRules, render_chat, trim_context
+from doppel.errors import DoppelError
+
+
+def stored(channel_id: str, message: Mapping[str, Any]) -> StoredMessage:
+    """A Slack API message as the store would hold it."""
+    return StoredMessage(
+        channel_id=channel_id,
+        ts=message["ts"],
+        thread_ts=message.get("thread_ts"),
+        user_id=message.get("user"),
+        subtype=message.get("subtype"),
+        bot_id=message.get("bot_id") or None,
+        text=message.get("text") or "",
+    )
+
+
+def thread_prompt(
+    channel_id: str,
+    messages: Iterable[Mapping[str, Any]],
+    persona: str,
+    names: Mapping[str, str],
+    channels: Mapping[str, str],
+    *,
+    bots: set[str],
+    rules: SampleRules,
+    gap_minutes: float,
+) -> list[ChatMessage]:
+    """The chat for `persona`'s next message after `messages` (a thread, or recent
+    channel history), without the system message.
+
+    Only the latest conversation counts: in channel history, talk before a quiet gap of
+    `gap_minutes` is another conversation, exactly as in training.
+    """
+    rows = sorted((stored(channel_id, m) for m in messages), key=lambda row: Decimal(row.ts))
+    clean = TextCleaner(names, channels)
+    conversations = segment(rows, bots=bots, clean=clean, gap_minutes=gap_minutes).conversations
+    if not conversations:
+        raise DoppelError("there is nothing to reply to here", "mention the bot under a message")
+    latest = max(conversations, key=lambda c: Decimal(c.turns[-1].ts))
+    chat = render_chat("", trim_context(latest.turns, rules), persona, names)[1:]
+    if not chat or chat[-1]["role"] != "user":
+        raise DoppelError(
+            "there is nothing to reply to: the last message here is the persona's own",
+            "mention the bot under someone else's message",
+        )
+    return chat

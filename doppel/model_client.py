@@ -1,0 +1,78 @@
+"""The Slack app's view of the model API: one persona's reply to a chat.
+
+The model API speaks OpenAI's `POST /v1/chat/completions`, with `model` set to
+"<team_id>/<user_id>". It answers 404 with `{"error": {"type": "model_not_found"}}` when
+the person has no production adapter, and it adds the persona's own system prompt when
+the chat does not open with one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+
+from doppel.dataset.samples import ChatMessage
+from doppel.errors import DoppelError
+
+
+class NoProductionAdapter(DoppelError):
+    """The persona exists but nothing has been promoted to `production` yet."""
+
+
+class ChatModel(Protocol):
+    """Anything that writes a persona's next message: the HTTP client below, or an
+    in-process model when the Slack app runs inside the model server."""
+
+    def reply(self, team_id: str, user_id: str, messages: list[ChatMessage]) -> str: ...
+
+
+class ModelClient:
+    """The model API over HTTP (`DOPPEL_SERVING_URL`), with timeouts and clear errors."""
+
+    def __init__(self, base_url: str, timeout: float = 120.0, max_tokens: int = 200) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_tokens = max_tokens
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    def reply(self, team_id: str, user_id: str, messages: list[ChatMessage]) -> str:
+        model = f"{team_id}/{user_id}"
+        body = {"model": model, "messages": messages, "max_tokens": self.max_tokens}
+        try:
+            response = self._http.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as error:
+            raise DoppelError(
+                f"the model API at {self.base_url} did not answer: {error!r}",
+                "start it ('doppel serve') or fix DOPPEL_SERVING_URL",
+            ) from None
+        if response.status_code == 404 and _error_type(response) == "model_not_found":
+            raise NoProductionAdapter(
+                f"{model} has no production adapter yet",
+                "train one with '/doppel train'; the gate promotes it when it is good enough",
+            )
+        if response.status_code != 200:
+            raise DoppelError(
+                f"the model API answered {response.status_code} for {model}: {response.text[:300]}",
+                "check the model server's log",
+            )
+        try:
+            return response.json()["choices"][0]["message"]["content"].strip()
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise DoppelError(
+                f"the model API's answer for {model} is not a chat completion: "
+                f"{response.text[:300]}",
+                "check that DOPPEL_SERVING_URL points at DoppelBot's model API",
+            ) from None
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_type(response: httpx.Response) -> str | None:
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return None
+    return error.get("type") if isinstance(error, dict) else None

@@ -1,0 +1,18 @@
+"""What the Slack handlers share: settings, the database, the model and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from doppel.config import Settings
+from doppel.model_client import ChatModel
+from doppel.store.database import Database
+from serving.slack.training import Trainer
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    model: ChatModel
+    trainer: Trainer
