@@ -102,10 +102,10 @@ class TransformersEngine:
     def _work(self) -> None:
         pending: deque[_Job] = deque()
         while not self._stopping.is_set():
-            try:
-                pending.append(self._jobs.get(timeout=0.1))
-            except queue.Empty:
-                if not pending:
+            if not pending:  # idle: wait for work (briefly, to notice `close`)
+                try:
+                    pending.append(self._jobs.get(timeout=0.1))
+                except queue.Empty:
                     continue
             while not self._jobs.empty():
                 pending.append(self._jobs.get_nowait())
