@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -126,16 +127,23 @@ class Server:
             return ()
         return (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
 
-    def admit(self) -> None:
+    def admit(self) -> Callable[[], None]:
+        """Take an in-flight slot; returns its release, which is safe to call twice."""
         if self.inflight >= self.limits.max_inflight:
             self.metrics.rejected.inc()
             raise Overloaded
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
+        released = False
 
-    def release(self) -> None:
-        self.inflight -= 1
-        self.metrics.inflight.set(self.inflight)
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight -= 1
+                self.metrics.inflight.set(self.inflight)
+
+        return release
 
     async def completion(self, request: ChatRequest) -> Started:
         """Resolve the adapter, render the prompt and start generating."""
@@ -294,11 +302,11 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest) -> Response:
         server.check_limits(request)
-        server.admit()
+        release = server.admit()
         try:
             started = await server.completion(request)
         except BaseException:
-            server.release()
+            release()
             raise
         head = {
             "id": started.request_id,
@@ -307,13 +315,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             "system_fingerprint": started.adapter.key,  # which version answered
         }
         if request.stream:
-            return StreamingResponse(
-                _sse(server, head, started.prompt, started.deltas), media_type="text/event-stream"
-            )
+            events = _sse(server, head, started.prompt, started.deltas, release)
+            # A client gone before the first event leaves the stream unstarted, and its
+            # `finally` never runs: release the slot when the stream is collected instead.
+            weakref.finalize(events, release)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             return await _complete(server, head, request, started.prompt, started.deltas)
         finally:
-            server.release()
+            release()
 
 
 async def _complete(
@@ -356,7 +366,11 @@ async def _complete(
 
 
 async def _sse(
-    server: Server, head: dict, prompt: list[int], deltas: AsyncIterator[Delta]
+    server: Server,
+    head: dict,
+    prompt: list[int],
+    deltas: AsyncIterator[Delta],
+    release: Callable[[], None],
 ) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them, ending with `data: [DONE]`."""
     started = time.perf_counter()
@@ -386,7 +400,7 @@ async def _sse(
         yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         await deltas.aclose()
-        server.release()
+        release()
         _count_tokens(server, prompt, tokens)
     yield "data: [DONE]\n\n"
 
