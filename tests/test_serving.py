@@ -289,8 +289,8 @@ def test_a_model_deleted_from_the_registry_leaves_no_cached_copy(world: World, t
     registry = world.registry()
     gone = model_name(TEAM, "UGONE")
     registry.client.create_registered_model(gone, tags={"team_id": TEAM, "user_id": "UGONE"})
-    source = registry.version(NAME, "1").source
-    version = registry.client.create_model_version(gone, source=source)
+    v1 = registry.version(NAME, "1")
+    version = registry.client.create_model_version(gone, source=v1.source, run_id=v1.run_id)
     registry.promote(gone, str(version.version), "test")
     catalog = AdapterCatalog(world.private(tmp_path))
     catalog.refresh()

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from doppel.config import Settings
 from doppel.errors import DoppelError
 from doppel.persona import PERSONA_FILE, Persona
-from doppel.registry import Registry, model_name
+from doppel.registry import PRODUCTION, Registry, model_name
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,9 @@ class AdapterCatalog:
             names.add(registered.name)
             team_id = registered.tags.get("team_id")
             user_id = registered.tags.get("user_id")
-            current = registry.production(registered.name)
+            current = _production_version(registry, registered.name)
             if team_id and user_id and current is not None:
-                production[f"{team_id}/{user_id}"] = (registered.name, str(current.version))
+                production[f"{team_id}/{user_id}"] = (registered.name, current)
         return names, production
 
     def _forget_deleted(self, registered: set[str]) -> None:
@@ -243,6 +245,18 @@ class AdapterCatalog:
             "served": len(self.served()),
             "not_served": dict(self.problems),
         }
+
+
+def _production_version(registry: Registry, name: str) -> str | None:
+    """The `production` version, None when there is none. Unlike `Registry.production`,
+    any other failure (MLflow going away mid-refresh) raises, so it is never mistaken
+    for "nobody is in production" and the cached versions keep serving."""
+    try:
+        return str(registry.client.get_model_version_by_alias(name, PRODUCTION).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _rank(adapter_dir: Path) -> int:
