@@ -90,9 +90,6 @@ class AdapterCatalog:
             keys = sorted(self._production.items())
         return [self._adapters[key] for _, key in keys if key in self._adapters]
 
-    def max_rank(self) -> int:
-        return max((adapter.rank for adapter in self.served()), default=0)
-
     def resolve(self, model: str) -> Adapter:
         """The adapter for a request's `model`, downloading an explicit version if needed."""
         team_id, user_id, version = parse_model(model)

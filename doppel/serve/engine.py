@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from doppel.config import Settings
@@ -42,7 +42,6 @@ class AdapterStats:
     loads: int = 0  # an adapter was brought into memory (cold)
     hits: int = 0  # it was already there (warm)
     evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)
 
 
 class Engine(Protocol):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -176,14 +175,12 @@ class TransformersEngine:
             self.stats.hits += 1
             self._loaded.move_to_end(name)
             return name
-        started = time.perf_counter()
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(adapter.path), adapter_name=name)
         else:
             self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=name)
             self.model.eval()
         self.stats.loads += 1
-        self.stats.load_seconds.append(time.perf_counter() - started)
         self._loaded[name] = None
         while len(self._loaded) > self.serve.max_loaded_adapters:
             evicted, _ = self._loaded.popitem(last=False)
