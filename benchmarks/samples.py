@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from devtools.synth import generate_workspace
 from doppel.config import DatasetSettings
-from doppel.dataset.clean import TextCleaner, user_label
+from doppel.dataset.clean import TextCleaner
 from doppel.dataset.conversations import StoredMessage, segment
 from doppel.dataset.samples import SampleRules, user_samples
-from doppel.synth import generate_workspace
+from doppel.store.lookup import user_label
 
 
 def timed(label: str, work, count: int):
@@ -68,7 +69,7 @@ def main() -> None:
     channels = {c["id"]: c["name"] for c in workspace.channels}
     bots = {u["id"] for u in workspace.users if u.get("is_bot")}
     settings = DatasetSettings()
-    rules = SampleRules(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
+    rules = SampleRules.from_settings(settings)
 
     segmented, seg_s = timed(
         "segment into conversations",
@@ -101,11 +102,11 @@ def main() -> None:
 
 
 def store_benchmark(workspace, total: int) -> None:
+    from devtools.synth import write_export
     from doppel.dataset.build import load_conversations
     from doppel.ingest import ingest_export
     from doppel.store.database import Database
     from doppel.store.lookup import resolve_workspace
-    from doppel.synth import write_export
 
     with tempfile.TemporaryDirectory() as tmp:
         export = write_export(workspace, Path(tmp) / "bench.zip")

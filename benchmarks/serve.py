@@ -32,7 +32,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from doppel.config import Settings, load_settings
-from doppel.persona import Persona
+from doppel.persona import PersonaCard
 from doppel.registry import Registry, model_name
 from doppel.train.base_model import resolve_base_model
 from doppel.train.config import TrainConfig
@@ -67,7 +67,7 @@ def register_adapters(settings: Settings, count: int) -> list[str]:
         folder = Path(tempfile.mkdtemp()) / "adapter"
         peft_model.save_pretrained(folder)
         prompt = f"You are bench user {index}. Reply the way they would."
-        Persona(TEAM, user, prompt, recipe.base_model).write(folder)
+        PersonaCard(TEAM, user, prompt, recipe.base_model).write(folder)
         with mlflow.start_run(experiment_id=registry.experiment_id(TEAM)) as run:
             mlflow.log_artifacts(str(folder), "adapter")
         version = registry.register(TEAM, user, run.info.run_id, tags={"benchmark": "serve"})
@@ -164,9 +164,9 @@ def per_request_baseline(settings: Settings, models: list[str], trials: int) -> 
     """Seconds per request when every request loads the base model and its adapter."""
     from peft import PeftModel
 
-    from doppel.serve.adapters import AdapterCatalog
-    from doppel.serve.prompt import prompt_ids
     from doppel.train.base_model import load_model, load_tokenizer
+    from serving.catalog import AdapterCatalog
+    from serving.prompt import prompt_ids
 
     catalog = AdapterCatalog(settings)
     catalog.refresh()
@@ -177,7 +177,7 @@ def per_request_baseline(settings: Settings, models: list[str], trials: int) -> 
         adapter = catalog.resolve(model)
         tokenizer = load_tokenizer(base)
         peft_model = PeftModel.from_pretrained(load_model(base, qlora=False), str(adapter.path))
-        ids = prompt_ids(tokenizer, adapter.persona, PROMPT, 1024)
+        ids = prompt_ids(tokenizer, adapter.card, PROMPT, 1024)
         peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=1, do_sample=False)
         times.append(time.perf_counter() - start)
     return round(statistics.median(times), 2)

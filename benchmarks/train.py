@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
+from devtools.synth import generate_workspace, write_export
 from doppel.config import load_settings
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.store.database import Database
-from doppel.synth import generate_workspace, write_export
 from doppel.train.base_model import resolve_base_model
 from doppel.train.config import load_train_config
 from doppel.train.trainer import train_adapter

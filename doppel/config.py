@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -222,6 +223,11 @@ class Settings(BaseSettings):
         """Where a user's dataset lives unless `--out` says otherwise."""
         return self.home / "datasets" / workspace_id / user_id
 
+    def run_dir(self, workspace_id: str, user_id: str, digest: str | None = None) -> Path:
+        """A person's training runs; `digest` (data + recipe) names one resumable run."""
+        runs = self.home.resolve() / "runs" / workspace_id / user_id
+        return runs / digest if digest else runs
+
 
 def explain(error: ValidationError, root: type[BaseModel], source: str) -> DoppelError:
     """Turn pydantic's error into one that names the bad key and lists the valid ones."""
@@ -249,7 +255,7 @@ def _section_for(root: type[BaseModel], path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build settings from defaults, YAML, environment and explicit overrides."""
     try:
         return Settings(**overrides)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.store.database import Database, upsert
+from doppel.store.database import Database, database, upsert
 from doppel.store.models import ActivePersona, Enrollment, Message, utcnow
 
 ENROLLMENT_FIELDS = ("granted", "changed_by", "changed_at")
@@ -53,12 +53,8 @@ def has_consent(session: Session, workspace_id: str, user_id: str) -> bool:
 
 def require_consent(settings: Settings, workspace_id: str, user_id: str) -> None:
     """Refuse to train someone who has not opted in."""
-    db = Database(settings.db_url)
-    try:
-        with db.session() as session:
-            allowed = has_consent(session, workspace_id, user_id)
-    finally:
-        db.dispose()
+    with database(settings.db_url).session() as session:
+        allowed = has_consent(session, workspace_id, user_id)
     if not allowed:
         raise DoppelError(
             f"user {user_id} of workspace {workspace_id} has not consented to be trained",
@@ -150,7 +146,7 @@ def revoke(settings: Settings, db: Database, workspace_id: str, user_id: str, by
         )
     dataset = settings.dataset_dir(workspace_id, user_id)
     deletion.datasets = _remove(dataset, dataset.with_name(f".{dataset.name}.previous"))
-    runs = settings.home.resolve() / "runs" / workspace_id / user_id
+    runs = settings.run_dir(workspace_id, user_id)
     deletion.run_folders = [str(p) for p in sorted(runs.iterdir())] if runs.is_dir() else []
     _remove(runs)
     try:

@@ -23,27 +23,27 @@ def ingest_export(
     Returns the workspace totals in the store afterwards.
     """
     export = read_export(path, include_private=include_private, max_bytes=max_bytes)
-    team_id = _team_id(export, workspace, path)
+    workspace_id = _workspace_id(export, workspace, path)
     with db.transaction() as session:
-        save_workspace(session, team_id, Path(path).stem)
-        save_users(session, team_id, export.users)
-        save_channels(session, team_id, export.channels)
+        save_workspace(session, workspace_id, Path(path).stem)
+        save_users(session, workspace_id, export.users)
+        save_channels(session, workspace_id, export.channels)
         for channel_id, messages in export.messages.items():
-            save_messages(session, team_id, channel_id, messages)
+            save_messages(session, workspace_id, channel_id, messages)
     with db.session() as session:
-        return {"workspace": team_id, **workspace_counts(session, team_id)}
+        return {"workspace": workspace_id, **workspace_counts(session, workspace_id)}
 
 
-def _team_id(export: SlackExport, workspace: str | None, path: Path) -> str:
-    if export.team_id and workspace and workspace != export.team_id:
+def _workspace_id(export: SlackExport, workspace: str | None, path: Path) -> str:
+    if export.workspace_id and workspace and workspace != export.workspace_id:
         raise DoppelError(
-            f"{path} belongs to workspace {export.team_id}, not '{workspace}'",
-            f"drop --workspace or pass --workspace {export.team_id}",
+            f"{path} belongs to workspace {export.workspace_id}, not '{workspace}'",
+            f"drop --workspace or pass --workspace {export.workspace_id}",
         )
-    team_id = export.team_id or workspace
-    if not team_id:
+    workspace_id = export.workspace_id or workspace
+    if not workspace_id:
         raise DoppelError(
             f"{path} does not say which workspace it is from (no team_id in users.json)",
             "pass --workspace TEAM_ID (e.g. T01234567)",
         )
-    return team_id
+    return workspace_id

@@ -17,8 +17,8 @@ PERSONA_FILE = "doppel_persona.json"
 
 
 @dataclass(frozen=True)
-class Persona:
-    team_id: str
+class PersonaCard:
+    workspace_id: str
     user_id: str
     system_prompt: str
     base_model: str  # the recipe's `base_model` spec, e.g. smollm2-135m-instruct
@@ -27,12 +27,15 @@ class Persona:
         (adapter_dir / PERSONA_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def read(cls, adapter_dir: Path) -> Persona:
+    def read(cls, adapter_dir: Path) -> PersonaCard:
         path = adapter_dir / PERSONA_FILE
         try:
-            return cls(**json.loads(path.read_text()))
+            card = json.loads(path.read_text())
         except FileNotFoundError:
             raise DoppelError(
                 f"the adapter at {adapter_dir} has no {PERSONA_FILE}",
                 "it predates serving support: retrain it (doppel pipeline --user USER)",
             ) from None
+        if "team_id" in card:  # cards written before the field was named workspace_id
+            card["workspace_id"] = card.pop("team_id")
+        return cls(**card)

@@ -1,6 +1,6 @@
 """MLflow: one experiment per workspace, one registered model per person.
 
-Each training run becomes a version of `doppel.<team_id>.<user_id>`. A new version gets
+Each training run becomes a version of `doppel.<workspace_id>.<user_id>`. A new version gets
 the alias `challenger`; only the gate (or an operator) moves `production`. Every version
 carries the gate's decision and its reason as tags, and the version it replaced, so
 `rollback` knows where to go back to.
@@ -27,8 +27,13 @@ CHALLENGER = "challenger"
 ADAPTER_ARTIFACT = "adapter"
 
 
-def model_name(team_id: str, user_id: str) -> str:
-    return f"doppel.{team_id}.{user_id}"
+def model_name(workspace_id: str, user_id: str) -> str:
+    return f"doppel.{workspace_id}.{user_id}"
+
+
+def owner(tags: dict[str, str]) -> tuple[str | None, str | None]:
+    """(workspace_id, user_id) of a registered model or run; older registries say `team_id`."""
+    return tags.get("workspace_id") or tags.get("team_id"), tags.get("user_id")
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -64,25 +69,27 @@ class Registry:
 
     # -- experiments ----------------------------------------------------------------
 
-    def experiment_id(self, team_id: str) -> str:
+    def experiment_id(self, workspace_id: str) -> str:
         """One experiment per workspace. Without a tracking server (SQLite or PostgreSQL
         straight from this process) artifacts go under DOPPEL_HOME, not the working folder."""
-        name = f"doppel/{team_id}"
+        name = f"doppel/{workspace_id}"
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         location = None
         if not self.uri.startswith(("http://", "https://")):
-            location = (self.settings.home.resolve() / "mlartifacts" / team_id).as_uri()
+            location = (self.settings.home.resolve() / "mlartifacts" / workspace_id).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     # -- versions ---------------------------------------------------------------------
 
-    def register(self, team_id: str, user_id: str, run_id: str, tags: dict[str, str]) -> str:
+    def register(self, workspace_id: str, user_id: str, run_id: str, tags: dict[str, str]) -> str:
         """A new version from the run's adapter artifact, aliased `challenger`."""
-        name = model_name(team_id, user_id)
+        name = model_name(workspace_id, user_id)
         try:
-            self.client.create_registered_model(name, tags={"team_id": team_id, "user_id": user_id})
+            self.client.create_registered_model(
+                name, tags={"workspace_id": workspace_id, "user_id": user_id}
+            )
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -177,9 +184,9 @@ class Registry:
     def run_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
-    def models(self, team_id: str | None = None) -> list[dict[str, Any]]:
+    def models(self, workspace_id: str | None = None) -> list[dict[str, Any]]:
         """Every DoppelBot model with its versions, aliases, metrics and decisions."""
-        prefix = f"doppel.{team_id}." if team_id else "doppel."
+        prefix = f"doppel.{workspace_id}." if workspace_id else "doppel."
         result = []
         for registered in self.client.search_registered_models(f"name LIKE '{prefix}%'"):
             production = self.production(registered.name)
@@ -195,11 +202,12 @@ class Registry:
                         "reason": mv.tags.get("reason"),
                     }
                 )
+            workspace_id, user_id = owner(registered.tags)
             result.append(
                 {
                     "name": registered.name,
-                    "team_id": registered.tags.get("team_id"),
-                    "user_id": registered.tags.get("user_id"),
+                    "workspace_id": workspace_id,
+                    "user_id": user_id,
                     "production": int(production.version) if production else None,
                     "versions": versions,
                 }

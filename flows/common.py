@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.store.database import Database
+from doppel.store.database import database
 from doppel.store.lookup import find_person
 
 
 def person_ids(settings: Settings, user: str, workspace: str | None) -> tuple[str, str]:
-    """(team_id, user_id) for a user named by id, name, display or real name."""
-    db = Database(settings.db_url)
-    try:
-        with db.session() as session:
-            ws, person = find_person(session, user, workspace)
-    finally:
-        db.dispose()
+    """(workspace_id, user_id) for a user named by id, name, display or real name."""
+    with database(settings.db_url).session() as session:
+        ws, person = find_person(session, user, workspace)
     return ws.id, person.id
 
 

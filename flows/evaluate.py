@@ -12,8 +12,8 @@ from flows.common import person_ids, transient
 
 
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
-def evaluate_task(team_id: str, user_id: str, version: str | None, gate: bool) -> dict:
-    return asdict(evaluate_version(get_settings(), team_id, user_id, version, gate))
+def evaluate_task(workspace_id: str, user_id: str, version: str | None, gate: bool) -> dict:
+    return asdict(evaluate_version(get_settings(), workspace_id, user_id, version, gate))
 
 
 @flow(name="evaluate")
@@ -21,5 +21,5 @@ def evaluate_flow(
     user: str, workspace: str | None = None, version: str | None = None, gate: bool = True
 ) -> dict:
     """Score `version` (default: the challenger); with `gate`, promote it if it is better."""
-    team_id, user_id = person_ids(get_settings(), user, workspace)
-    return evaluate_task(team_id, user_id, version, gate)
+    workspace_id, user_id = person_ids(get_settings(), user, workspace)
+    return evaluate_task(workspace_id, user_id, version, gate)

@@ -23,7 +23,7 @@ from doppel.slack.scrape import (
     make_client,
     make_rate_limiter,
 )
-from doppel.store.database import Database, workspace_counts
+from doppel.store.database import database, workspace_counts
 from flows.common import transient
 
 
@@ -41,7 +41,12 @@ def scrape_channel(scraper: SlackScraper, channel: dict, progress: Progress) -> 
     return result
 
 
-@flow(name="ingest-slack", task_runner=ThreadPoolTaskRunner(max_workers=4))
+# Prefect types `task_runner` as the invariant TaskRunner[PrefectFuture[Any]], which its own
+# ThreadPoolTaskRunner (a TaskRunner[PrefectConcurrentFuture[R]]) does not match.
+@flow(
+    name="ingest-slack",
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+)
 def ingest_flow(
     channels: list[str] | None = None,
     include_archived: bool | None = None,
@@ -58,21 +63,18 @@ def ingest_flow(
     slack = settings.slack.model_copy(
         update={key: value for key, value in overrides.items() if value is not None}
     )
-    db = Database(settings.db_url)
+    db = database(settings.db_url)
     scraper = SlackScraper(make_client(settings), db, slack, make_rate_limiter(slack))
-    try:
-        workspace_id = scraper.connect()
-        scraper.sync_users()
-        targets = scraper.sync_channels(channels)
-        with channel_progress() as progress:
-            futures = scrape_channel.map(
-                scraper=unmapped(scraper), channel=targets, progress=unmapped(progress)
-            )
-            outcomes = [future.result(raise_on_failure=False) for future in futures]
-        with db.session() as session:
-            totals = workspace_counts(session, workspace_id)
-    finally:
-        db.dispose()
+    workspace_id = scraper.connect()
+    scraper.sync_users()
+    targets = scraper.sync_channels(channels)
+    with channel_progress() as progress:
+        futures = scrape_channel.map(
+            scraper=unmapped(scraper), channel=targets, progress=unmapped(progress)
+        )
+        outcomes = [future.result(raise_on_failure=False) for future in futures]
+    with db.session() as session:
+        totals = workspace_counts(session, workspace_id)
     for outcome in outcomes:
         if isinstance(outcome, DoppelError):
             raise outcome

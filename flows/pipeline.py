@@ -13,7 +13,7 @@ from prefect import flow
 from doppel.config import get_settings
 from doppel.consent import consented_users, require_consent
 from doppel.registry import Registry, model_name
-from doppel.store.database import Database
+from doppel.store.database import database
 from doppel.store.lookup import resolve_workspace
 from flows.common import person_ids
 from flows.dataset import build_dataset_task
@@ -43,12 +43,12 @@ def user_pipeline_flow(
     settings = get_settings()
     require_consent(settings, *person_ids(settings, user, workspace))
     dataset = build_dataset_task(user, workspace, None, None, None)
-    team_id, user_id = dataset["workspace_id"], dataset["user_id"]
-    new = dataset["train"] - _last_trained_samples(team_id, user_id)
+    workspace_id, user_id = dataset["workspace_id"], dataset["user_id"]
+    new = dataset["train"] - _last_trained_samples(workspace_id, user_id)
     if new < min_new_samples:
         return {"user_id": user_id, "outcome": "skipped", "reason": f"{new} new samples"}
-    trained = train_task(team_id, user_id, config, max_steps)
-    evaluation = evaluate_task(team_id, user_id, trained["version"], True)
+    trained = train_task(workspace_id, user_id, config, max_steps)
+    evaluation = evaluate_task(workspace_id, user_id, trained["version"], True)
     decision = evaluation["decision"]
     return {
         "user_id": user_id,
@@ -70,18 +70,14 @@ def retrain_flow(
     settings = get_settings()
     if _slack_configured():
         ingest_flow()
-    db = Database(settings.db_url)
-    try:
-        with db.session() as session:
-            team_id = resolve_workspace(session, workspace).id
-    finally:
-        db.dispose()
+    with database(settings.db_url).session() as session:
+        workspace_id = resolve_workspace(session, workspace).id
     threshold = settings.pipeline.min_new_samples if min_new_samples is None else min_new_samples
     outcomes = []
-    for user_id in enrolled_users(team_id):
+    for user_id in enrolled_users(workspace_id):
         state = user_pipeline_flow(
             user_id,
-            team_id,
+            workspace_id,
             config,
             max_steps,
             min_new_samples=threshold,
@@ -95,16 +91,12 @@ def retrain_flow(
     return outcomes
 
 
-def enrolled_users(team_id: str) -> list[str]:
+def enrolled_users(workspace_id: str) -> list[str]:
     """People of this workspace who opted in (`/doppel optin`, `doppel consent grant`)."""
-    db = Database(get_settings().db_url)
-    try:
-        with db.session() as session:
-            return consented_users(session, team_id)
-    finally:
-        db.dispose()
+    with database(get_settings().db_url).session() as session:
+        return consented_users(session, workspace_id)
 
 
-def _last_trained_samples(team_id: str, user_id: str) -> int:
-    versions = Registry(get_settings()).versions(model_name(team_id, user_id))
+def _last_trained_samples(workspace_id: str, user_id: str) -> int:
+    versions = Registry(get_settings()).versions(model_name(workspace_id, user_id))
     return int(versions[-1].tags.get("train_samples", 0)) if versions else 0

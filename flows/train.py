@@ -17,7 +17,7 @@ TRAINING_LIMIT = "doppel-training"
 
 
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
-def train_task(team_id: str, user_id: str, config: str | None, max_steps: int | None) -> dict:
+def train_task(workspace_id: str, user_id: str, config: str | None, max_steps: int | None) -> dict:
     """One training job, holding a slot of the `doppel-training` concurrency limit."""
     settings = get_settings()
     recipe = load_train_config(Path(config) if config else None, max_steps=max_steps)
@@ -27,7 +27,7 @@ def train_task(team_id: str, user_id: str, config: str | None, max_steps: int | 
         )
     with concurrency(TRAINING_LIMIT, occupy=1, strict=True):
         trained = train_user(
-            settings, team_id, user_id, settings.dataset_dir(team_id, user_id), recipe
+            settings, workspace_id, user_id, settings.dataset_dir(workspace_id, user_id), recipe
         )
     return asdict(trained)
 
@@ -40,5 +40,5 @@ def train_flow(
     max_steps: int | None = None,
 ) -> dict:
     """Train on the person's current dataset (see `build_dataset_flow`)."""
-    team_id, user_id = person_ids(get_settings(), user, workspace)
-    return train_task(team_id, user_id, config, max_steps)
+    workspace_id, user_id = person_ids(get_settings(), user, workspace)
+    return train_task(workspace_id, user_id, config, max_steps)

@@ -1,1 +1,1 @@
-"""Serving side of DoppelBot: the Slack-facing apps."""
+"""Everything that serves: the model API, its engines and adapter catalog, and the Slack app."""

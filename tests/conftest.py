@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from doppel.config import get_settings
 from doppel.store.database import Database
-from doppel.store.models import Base
+from tests.helpers import skip_or_fail
 from tests.postgres import PostgresCluster
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_EXPORT = REPO.parent / "shared" / "data" / "slack-exports" / "houstondatavis-2016.zip"
 SLACK_APP_ENV = (
     "SLACK_SIGNING_SECRET",
     "SLACK_CLIENT_ID",
@@ -63,7 +58,7 @@ def postgres() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster()
     reason = cluster.start()
     if reason:
-        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+        skip_or_fail(f"PostgreSQL tests skipped: {reason}")
     yield cluster
     cluster.stop()
 
@@ -85,42 +80,7 @@ def settings(doppel_home: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(scope="session")
 def synth_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small deterministic synthetic workspace, written once per test session."""
-    from doppel.synth import generate_workspace, write_export
+    from devtools.synth import generate_workspace, write_export
 
     path = tmp_path_factory.mktemp("synth") / "synthco.zip"
     return write_export(generate_workspace(users=6, days=12, seed=7), path)
-
-
-def store_snapshot(db: Database, *, scrape_state: bool = True) -> dict[str, list]:
-    """Every stored row, sorted, minus timestamps of our own; optionally minus scrape state."""
-    skip = {"updated_at"} if scrape_state else {"updated_at", "replies_synced_ts"}
-    tables = [t for t in Base.metadata.sorted_tables if t.name != "workspaces"]
-    if not scrape_state:
-        tables = [t for t in tables if t.name != "scrape_cursors"]
-    with db.session() as session:
-        return {
-            table.name: sorted(
-                tuple(row)
-                for row in session.execute(select(*[c for c in table.c if c.name not in skip]))
-            )
-            for table in tables
-        }
-
-
-def write_export(root: Path, days: dict[str, dict[str, list]], **index_files: object) -> Path:
-    """Write an export folder: index files (channels.json, ...) and channel/day.json files."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name, content in index_files.items():
-        (root / f"{name}.json").write_text(json.dumps(content))
-    for folder, files in days.items():
-        (root / folder).mkdir(exist_ok=True)
-        for day, messages in files.items():
-            (root / folder / f"{day}.json").write_text(json.dumps(messages))
-    return root
-
-
-def zip_folder(folder: Path, out: Path) -> Path:
-    with zipfile.ZipFile(out, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            archive.write(path, path.relative_to(folder).as_posix())
-    return out

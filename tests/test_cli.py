@@ -3,42 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 from datasets import load_from_disk
 from slack_sdk import WebClient
 
-from tests.conftest import REPO, SHARED_EXPORT
-
-
-def doppel(*args: str, env: dict[str, str] | None = None, ok: bool = True):
-    result = subprocess.run(
-        [sys.executable, "-m", "doppel.cli", *args],
-        cwd=REPO,
-        env=os.environ | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def last_json(result: subprocess.CompletedProcess) -> object:
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import REPO, doppel, last_json, require_shared_export
+from tests.servers import free_port
 
 
 def test_synth_ingest_users_and_dataset_build(tmp_path: Path) -> None:
@@ -90,6 +64,7 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path: Path) -> None:
     assert "min_chars" in result.stderr
 
 
+@pytest.mark.slow
 def test_emulator_command_and_ingest_slack_flow(tmp_path: Path) -> None:
     export = tmp_path / "ws.zip"
     doppel("synth", "--out", str(export), "--users", "4", "--days", "6")
@@ -154,9 +129,8 @@ def test_build_dataset_flow_runs_in_prefect(tmp_path: Path, synth_zip: Path) -> 
     assert load_from_disk(str(tmp_path / "ds"))["train"].num_rows == result["train"]
 
 
-@pytest.mark.skipif(not SHARED_EXPORT.exists(), reason="../shared is absent (fresh clone)")
 def test_real_export_end_to_end(tmp_path: Path) -> None:
-    doppel("ingest", "export", str(SHARED_EXPORT))
+    doppel("ingest", "export", str(require_shared_export()))
     users = last_json(doppel("users", "--json"))
     assert users[0]["samples"] > 10
     built = last_json(doppel("dataset", "build", "--user", users[0]["id"], "--json"))

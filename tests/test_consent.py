@@ -12,7 +12,7 @@ from doppel.errors import DoppelError
 from doppel.ingest import ingest_export
 from doppel.registry import Registry
 from doppel.store.database import Database
-from tests.test_cli import doppel, last_json
+from tests.helpers import doppel, last_json
 
 TEAM, ALICE = "T0SYNTH01", "U0000001"
 

@@ -20,9 +20,9 @@ from slack_sdk.http_retry.builtin_handlers import (
 from slack_sdk.http_retry.builtin_interval_calculators import FixedValueRetryIntervalCalculator
 from slack_sdk.webhook import WebhookClient
 
+from devtools.emulator import Emulator, EmulatorConfig, create_app, serve_in_thread
+from devtools.synth import generate_workspace, write_export
 from doppel.slack.export import SlackExport, read_export
-from doppel.synth import generate_workspace, write_export
-from serving.slack_emulator import Emulator, EmulatorConfig, create_app, serve_in_thread
 
 TEAM = "T0TEST"
 BOT = "xoxb-emulator"
@@ -289,7 +289,7 @@ def test_scraping_a_synthetic_export_returns_every_message_once(tmp_path: Path) 
     workspace = read_export(export, include_private=True, max_bytes=10**8)
     with running(workspace) as (url, _):
         client = WebClient(token=USER_TOKEN, base_url=url)
-        assert client.auth_test()["team_id"] == workspace.team_id
+        assert client.auth_test()["team_id"] == workspace.workspace_id
         types = "public_channel,private_channel,mpim,im"
         channels = _all_pages(client.conversations_list(types=types, limit=2))
         assert {c["id"] for c in channels} == set(workspace.messages)

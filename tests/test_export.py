@@ -13,7 +13,7 @@ from doppel.errors import DoppelError
 from doppel.ingest import ingest_export
 from doppel.store.database import Database
 from doppel.store.models import Message, User
-from tests.conftest import SHARED_EXPORT, store_snapshot, write_export, zip_folder
+from tests.helpers import require_shared_export, store_snapshot, write_export_folder, zip_folder
 
 LIMIT = 64 * 2**20
 pytestmark = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
@@ -39,7 +39,7 @@ def day_files(text: str = "let us talk", edited: bool = False) -> dict:
 def make_export(root: Path, **kwargs: object) -> Path:
     files = {"channels": CHANNELS, "users": USERS} | kwargs
     days = files.pop("days", None) or day_files()
-    return write_export(root, days, **{k: v for k, v in files.items() if v is not None})
+    return write_export_folder(root, days, **{k: v for k, v in files.items() if v is not None})
 
 
 def snapshot(db: Database) -> dict[str, list]:
@@ -158,9 +158,8 @@ def test_import_is_one_transaction(db: Database, tmp_path: Path, monkeypatch) ->
     assert all(rows == [] for rows in snapshot(db).values())
 
 
-@pytest.mark.skipif(not SHARED_EXPORT.exists(), reason="../shared is absent (fresh clone)")
 def test_real_export_houstondatavis(db: Database) -> None:
-    counts = ingest(db, SHARED_EXPORT)
+    counts = ingest(db, require_shared_export())
     assert counts == {
         "workspace": "T061A2UFL",
         "channels": 16,

@@ -12,12 +12,14 @@ from doppel.config import get_settings
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.registry import PRODUCTION, Registry, model_name
-from doppel.serve.adapters import AdapterCatalog
 from doppel.store.database import Database
 from doppel.train.config import load_train_config
 from doppel.train.run import train_user
+from serving.catalog import AdapterCatalog
+from tests.helpers import TEAM, USER
 
-TEAM, USER = "T0SYNTH01", "U0000001"
+pytestmark = pytest.mark.slow
+
 TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 2, "max_steps": 2}
 
 

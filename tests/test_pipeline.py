@@ -17,9 +17,7 @@ from doppel.consent import grant
 from doppel.ingest import ingest_export
 from doppel.registry import Registry, model_name
 from doppel.store.database import Database
-from tests.conftest import REPO
-from tests.test_cli import doppel, last_json
-from tests.test_training import TEAM, TINY, USER
+from tests.helpers import REPO, TEAM, TINY, USER, doppel, last_json
 
 
 @pytest.fixture
@@ -38,7 +36,7 @@ def workspace(settings, synth_zip: Path) -> None:
         grant(session, TEAM, USER, "test")
 
 
-pytestmark = pytest.mark.usefixtures("workspace")
+pytestmark = [pytest.mark.usefixtures("workspace"), pytest.mark.slow]
 
 
 def test_pipeline_command_trains_evaluates_and_promotes(tiny_config: Path) -> None:
@@ -48,7 +46,7 @@ def test_pipeline_command_trains_evaluates_and_promotes(tiny_config: Path) -> No
     assert outcome[0]["outcome"] == "promoted", outcome
     assert outcome[0]["metrics"]["eval_loss"] < outcome[0]["metrics"]["base_eval_loss"]
     (model,) = last_json(doppel("models", "--json"))
-    assert (model["name"], model["team_id"], model["user_id"]) == (
+    assert (model["name"], model["workspace_id"], model["user_id"]) == (
         model_name(TEAM, USER),
         TEAM,
         USER,
@@ -89,7 +87,7 @@ def test_a_killed_training_registers_nothing_and_resumes(settings, tiny_config: 
         command, cwd=REPO, env=os.environ.copy(), stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
-    runs = settings.home.resolve() / "runs" / TEAM / USER
+    runs = settings.run_dir(TEAM, USER)
     deadline = time.monotonic() + 400
     while not list(runs.glob("*/checkpoint-2")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()

@@ -63,7 +63,7 @@ def test_cleaning_renders_slack_markup(raw: str, clean: str) -> None:
 
 
 def test_display_name_falls_back_to_real_name_then_name() -> None:
-    from doppel.dataset.clean import user_label
+    from doppel.store.lookup import user_label
 
     assert user_label("disp", "Real", "acct", "U1") == "disp"
     assert user_label(None, "Real", "acct", "U1") == "Real"

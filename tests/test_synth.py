@@ -12,8 +12,8 @@ from statistics import mean
 
 import pytest
 
+from devtools.synth import SyntheticWorkspace, generate_workspace, iter_messages, write_export
 from doppel.errors import DoppelError
-from doppel.synth import SyntheticWorkspace, generate_workspace, iter_messages, write_export
 
 GAP_SECONDS = 30 * 60  # the dataset builder's default conversation gap
 
@@ -152,9 +152,9 @@ def test_thread_parents_describe_their_replies(workspace: SyntheticWorkspace) ->
 
 def test_users_and_channels(workspace: SyntheticWorkspace) -> None:
     users = {user["id"]: user for user in workspace.users}
-    assert all(user["team_id"] == workspace.team_id for user in users.values())
+    assert all(user["team_id"] == workspace.workspace_id for user in users.values())
     assert users["U0BOT0001"]["is_bot"] and "USLACKBOT" in users
-    humans = [user for user in users.values() if user["id"] in workspace.personas]
+    humans = [user for user in users.values() if user["id"] in workspace.styles]
     assert len(humans) == 9 and sum(user["deleted"] for user in humans) == 1
     assert any(user["profile"]["display_name"] == "" for user in humans)
     channels = workspace.channels
@@ -183,19 +183,19 @@ def test_real_export_noise_is_present(workspace: SyntheticWorkspace) -> None:
     for markup in ("<@U", "<#C", "<http", "<!here>", "&amp;", "&lt;", "&gt;", ":tada:"):
         assert markup in texts, markup
     human = [m for m in messages if "user_profile" in m]
-    assert all(m["team"] == m["user_team"] == workspace.team_id for m in human)
+    assert all(m["team"] == m["user_team"] == workspace.workspace_id for m in human)
 
 
 def test_personas_have_distinct_signatures(workspace: SyntheticWorkspace) -> None:
-    active = list(workspace.personas.values())[:8]
-    assert len({persona.archetype for persona in active}) == 8
-    for persona in active:
-        signature = persona.signature_phrases[0]
-        mine = _plain(workspace, persona.user_id)
+    active = list(workspace.styles.values())[:8]
+    assert len({style.archetype for style in active}) == 8
+    for style in active:
+        signature = style.signature_phrases[0]
+        mine = _plain(workspace, style.user_id)
         others = [
             text
-            for user_id in workspace.personas
-            if user_id != persona.user_id
+            for user_id in workspace.styles
+            if user_id != style.user_id
             for text in _plain(workspace, user_id)
         ]
         assert sum(signature in text for text in mine) / len(mine) >= 0.8, signature
@@ -204,7 +204,7 @@ def test_personas_have_distinct_signatures(workspace: SyntheticWorkspace) -> Non
 
 def test_message_lengths_differ_by_persona(workspace: SyntheticWorkspace) -> None:
     lengths = [
-        mean(len(text) for text in _plain(workspace, user_id)) for user_id in workspace.personas
+        mean(len(text) for text in _plain(workspace, user_id)) for user_id in workspace.styles
     ]
     assert max(lengths) >= 3 * min(lengths)
 

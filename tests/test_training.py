@@ -23,9 +23,7 @@ from doppel.train.config import TrainConfig, default_config_path, load_train_con
 from doppel.train.encode import encode
 from doppel.train.run import train_user
 from doppel.train.trainer import train_adapter
-
-TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 4, "learning_rate": 2e-3}
-TEAM, USER = "T0SYNTH01", "U0000001"  # the synthetic "honestly, ... :rocket:" persona
+from tests.helpers import TEAM, TINY, USER
 
 
 @pytest.fixture
@@ -73,6 +71,7 @@ def test_long_context_is_trimmed_from_the_oldest_turns(settings) -> None:
     )
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_the_adapter_loads_in_peft(
     settings, dataset_path: Path, tmp_path: Path
 ) -> None:
@@ -92,6 +91,7 @@ def test_training_lowers_the_loss_and_the_adapter_loads_in_peft(
     assert out.shape[1] == 6
 
 
+@pytest.mark.slow
 def test_registry_gate_both_ways_promote_and_rollback(settings, dataset_path: Path) -> None:
     name = model_name(TEAM, USER)
     good = load_train_config(None, max_steps=8, **TINY)

@@ -17,11 +17,6 @@ ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&amp;", "&"))
 SPOKEN_SUBTYPES = frozenset({None, "file_share", "thread_broadcast", "me_message"})
 
 
-def user_label(display_name: str | None, real_name: str | None, name: str | None, uid: str) -> str:
-    """The name people see: display name, else real name, else account name."""
-    return display_name or real_name or name or uid
-
-
 class TextCleaner:
     """Renders Slack markup with this workspace's user and channel names."""
 

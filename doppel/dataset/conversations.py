@@ -113,7 +113,9 @@ def _segment(
             if reason is not None:
                 result.dropped[reason] += 1
                 continue
-            item = (row.ts, row.user_id, text)
+            user_id = row.user_id
+            assert user_id, "drop_reason() drops messages without a user"
+            item = (row.ts, user_id, text)
             if row.thread_ts in threaded:
                 threads.setdefault(row.thread_ts, []).append(item)
             else:

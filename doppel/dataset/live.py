@@ -15,8 +15,9 @@ from typing import Any
 
 from doppel.dataset.clean import TextCleaner
 from doppel.dataset.conversations import StoredMessage, segment
-from doppel.dataset.samples import ChatMessage, SampleRules, render_chat, trim_context
+from doppel.dataset.samples import SampleRules, render_chat, trim_context
 from doppel.errors import DoppelError
+from doppel.types import ChatMessage
 
 
 def stored(channel_id: str, message: Mapping[str, Any]) -> StoredMessage:

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from doppel.config import DatasetSettings
 from doppel.dataset.conversations import Conversation, Turn, gc_paused
-
-ChatMessage = dict[str, str]
+from doppel.types import ChatMessage
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,11 @@ class SampleRules:
     min_chars: int = 100
     max_context_chars: int = 3000
     max_context_turns: int = 12
+
+    @classmethod
+    def from_settings(cls, settings: DatasetSettings) -> SampleRules:
+        """The rules of `dataset:` settings, so training and live replies trim alike."""
+        return cls(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
 
 
 @dataclass

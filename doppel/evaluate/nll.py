@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import PreTrainedModel
 
 from doppel.train.encode import IGNORE
 
@@ -16,10 +15,11 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def mean_nll(model: PreTrainedModel, encoded: Dataset, batch_size: int, pad_id: int) -> float:
+def mean_nll(model: torch.nn.Module, encoded: Dataset, batch_size: int, pad_id: int) -> float:
     """Token-weighted mean NLL over completion tokens (the reply), in nats per token.
 
-    Every model is scored on the same pre-tokenized rows, so the numbers compare.
+    Every model is scored on the same pre-tokenized rows, so the numbers compare. `model` is
+    any causal LM whose output has `logits`: a base model, or a PeftModel with its adapters.
     """
     model.eval()
     device = next(model.parameters()).device

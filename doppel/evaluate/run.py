@@ -38,19 +38,29 @@ class Evaluation:
 
 
 def evaluate_version(
-    settings: Settings, team_id: str, user_id: str, version: str | None = None, gate: bool = True
+    settings: Settings,
+    workspace_id: str,
+    user_id: str,
+    version: str | None = None,
+    gate: bool = True,
 ) -> Evaluation:
     """Score `version` (default: the challenger) and, with `gate`, promote it if it is better."""
     registry = Registry(settings)
-    name = model_name(team_id, user_id)
+    name = model_name(workspace_id, user_id)
     candidate = registry.version(name, version or _challenger(registry, name))
+    run_id = candidate.run_id
+    if run_id is None:  # `doppel train` registers every version from its run
+        raise DoppelError(
+            f"{name} version {candidate.version} has no training run",
+            "register versions with doppel train",
+        )
     production = registry.production(name)
     if production is not None and str(production.version) == str(candidate.version):
         production = None  # scoring production against itself says nothing
 
     with tempfile.TemporaryDirectory(prefix="doppel-eval-") as scratch:
         run = Path(mlflow.artifacts.download_artifacts(
-            run_id=candidate.run_id, artifact_path="", dst_path=scratch
+            run_id=run_id, artifact_path="", dst_path=scratch
         ))  # fmt: skip
         config = TrainConfig(**json.loads((run / "config.json").read_text()))
         validation = load_from_disk(str(run / "dataset"))["validation"]
@@ -62,7 +72,7 @@ def evaluate_version(
         metrics, examples = _score(settings, config, validation, adapters)
 
     decision = decide(metrics, production.version if production else None, config.gate)
-    _log(candidate.run_id, metrics, examples)
+    _log(run_id, metrics, examples)
     if gate:
         if decision.promote:
             registry.promote(name, candidate.version, decision.reason)

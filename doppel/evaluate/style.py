@@ -14,15 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from doppel.errors import DoppelError
-from doppel.train.encode import ChatMessage, fit_prompt
+from doppel.train.encode import fit_prompt
+from doppel.types import ChatMessage
 
 
 @torch.inference_mode()
 def generate_replies(
-    model: PreTrainedModel,
+    model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[ChatMessage]],
     *,
@@ -30,7 +32,10 @@ def generate_replies(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy replies, so that two models are compared on equal terms."""
+    """Greedy replies, so that two models are compared on equal terms.
+
+    `model` carries the adapters; the base model answers inside `model.disable_adapter()`.
+    """
     model.eval()
     device = next(model.parameters()).device
     replies: list[str] = []

@@ -16,8 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from doppel.errors import DoppelError
-
-SlackDict = dict[str, Any]
+from doppel.types import SlackDict
 
 # Index file -> (flags to mark its conversations with, how its folders are named).
 PRIVATE_INDEXES = {
@@ -31,7 +30,7 @@ PRIVATE_INDEXES = {
 class SlackExport:
     """A whole workspace in Slack's own JSON shapes, with threads rebuilt."""
 
-    team_id: str | None
+    workspace_id: str | None
     channels: list[SlackDict]
     users: list[SlackDict]
     messages: dict[str, list[SlackDict]] = field(default_factory=dict)  # channel id -> by ts
@@ -156,7 +155,10 @@ def read_export(path: Path, *, include_private: bool = False, max_bytes: int) ->
     if users is None:
         users = _users_from_messages(messages)
     return SlackExport(
-        team_id=_team_id(users, messages), channels=channels, users=users, messages=messages
+        workspace_id=_workspace_id(users, messages),
+        channels=channels,
+        users=users,
+        messages=messages,
     )
 
 
@@ -227,7 +229,7 @@ def _users_from_messages(messages: dict[str, list[SlackDict]]) -> list[SlackDict
     return list(users.values())
 
 
-def _team_id(users: list[SlackDict], messages: dict[str, list[SlackDict]]) -> str | None:
+def _workspace_id(users: list[SlackDict], messages: dict[str, list[SlackDict]]) -> str | None:
     teams = Counter(user["team_id"] for user in users if user.get("team_id"))
     if not teams:
         teams = Counter(

@@ -28,8 +28,8 @@ from doppel.slack.ratelimit import MethodRateLimiter
 from doppel.store.database import Database
 from doppel.store.models import Message, ScrapeCursor, utcnow
 from doppel.store.records import save_channels, save_messages, save_users, save_workspace
+from doppel.types import SlackDict
 
-SlackDict = dict[str, Any]
 AUTH_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 CHANNEL_ERRORS = {"channel_not_found", "not_in_channel", "is_archived", "missing_scope"}
 LIST_METHODS = ("conversations.list", "users.list")

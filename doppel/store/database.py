@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -19,8 +20,10 @@ from doppel.store.models import Base, Channel, Message, User
 UPSERT_CHUNK = 500
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine and the schema. SQLite gets WAL and a busy timeout for threads."""
+def make_engine(url: str, *, migrate: bool = True) -> Engine:
+    """Create an engine and migrate the schema to the newest revision, unless `migrate` is
+    off (`doppel db` reports revisions itself). SQLite gets WAL and a busy timeout for threads.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -37,14 +40,25 @@ def make_engine(url: str) -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
+    if migrate:
+        from doppel.store.schema import upgrade  # Alembic: only once a store is opened
+
+        with reachable(engine):
+            upgrade(engine)
+    return engine
+
+
+@contextmanager
+def reachable(engine: Engine) -> Iterator[None]:
+    """Turn a database that cannot be reached into a DoppelError that says what to check."""
     try:
-        Base.metadata.create_all(engine)
+        yield
     except OperationalError as error:
         raise DoppelError(
-            f"cannot open the database {parsed.render_as_string(hide_password=True)}: {error.orig}",
+            f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
+            f"{error.orig}",
             "check DATABASE_URL and that the server is running",
         ) from None
-    return engine
 
 
 class Database:
@@ -67,6 +81,16 @@ class Database:
         self.engine.dispose()
 
 
+@cache
+def database(url: str) -> Database:
+    """The process's one `Database` for a URL: its engine, pool and schema check are made once.
+
+    Every caller that needs the store goes through here, `with database(url).session() as s:`,
+    instead of opening and disposing an engine of its own.
+    """
+    return Database(url)
+
+
 def upsert(
     session: Session,
     model: type[Base],
@@ -78,16 +102,19 @@ def upsert(
     if not rows:
         return
     dialect = session.get_bind().dialect.name
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
-    if insert is None:
+    stmt: sqlite.Insert | postgresql.Insert
+    if dialect == "sqlite":
+        stmt = sqlite.insert(model)
+    elif dialect == "postgresql":
+        stmt = postgresql.insert(model)
+    else:
         raise DoppelError(f"unsupported database '{dialect}'", "use SQLite or PostgreSQL")
-    keys = [column.name for column in model.__table__.primary_key.columns]
-    stmt = insert(model)
-    stmt = stmt.on_conflict_do_update(
+    keys = [column.name for column in inspect(model).primary_key]
+    upsert_stmt = stmt.on_conflict_do_update(
         index_elements=keys, set_={name: stmt.excluded[name] for name in update}
     )
     for start in range(0, len(rows), UPSERT_CHUNK):
-        session.execute(stmt, rows[start : start + UPSERT_CHUNK])
+        session.execute(upsert_stmt, rows[start : start + UPSERT_CHUNK])
 
 
 def workspace_counts(session: Session, workspace_id: str) -> dict[str, int]:

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from doppel.dataset.clean import user_label
 from doppel.errors import DoppelError
 from doppel.store.models import Channel, Message, User, Workspace
+
+
+def user_label(display_name: str | None, real_name: str | None, name: str | None, uid: str) -> str:
+    """The name people see: display name, else real name, else account name."""
+    return display_name or real_name or name or uid
 
 
 def resolve_workspace(session: Session, query: str | None) -> Workspace:

@@ -23,7 +23,7 @@ class Base(DeclarativeBase):
 class Workspace(Base):
     __tablename__ = "workspaces"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # Slack team_id
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # Slack's team_id
     name: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

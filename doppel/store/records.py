@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 
 from doppel.store.database import upsert
 from doppel.store.models import Channel, Message, User, Workspace, utcnow
-
-SlackDict = dict[str, Any]
+from doppel.types import SlackDict
 
 MESSAGE_FIELDS = (
     "thread_ts",

@@ -124,4 +124,7 @@ def load_model(path: str, qlora: bool) -> PreTrainedModel:
         )
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    if not torch.cuda.is_available():
+        return model
+    # transformers wraps `to` in functools.wraps, whose stub hides the bound `self` from mypy.
+    return model.to("cuda")  # type: ignore[arg-type]

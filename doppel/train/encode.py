@@ -7,21 +7,23 @@ final assistant turn: `labels` is -100 (ignored) for every context token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from doppel.errors import DoppelError
+from doppel.types import ChatMessage
 
-ChatMessage = dict[str, str]
 IGNORE = -100  # the label value PyTorch's cross-entropy and the trainers skip
 
 
 def render(
     tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], *, generation: bool
 ) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    # A ChatMessage is a dict of str to str; mypy keeps TypedDicts apart from dict[str, str].
+    chat = cast("list[dict[str, str]]", messages)
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import mlflow
-from datasets import DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from matplotlib.figure import Figure
+from mlflow.data.huggingface_dataset import from_huggingface
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 from transformers import TrainerCallback
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.persona import Persona
+from doppel.persona import PersonaCard
 from doppel.registry import Registry, model_name
 from doppel.train.base_model import resolve_base_model
 from doppel.train.config import TrainConfig
@@ -77,7 +80,7 @@ def load_user_dataset(path: Path, user_id: str, minimum: int) -> DatasetDict:
 
 def train_user(
     settings: Settings,
-    team_id: str,
+    workspace_id: str,
     user_id: str,
     dataset_path: Path,
     config: TrainConfig,
@@ -86,19 +89,19 @@ def train_user(
     registry = Registry(settings)  # fail now, not after an hour of training
     base_path = resolve_base_model(config.base_model, settings.models_dir)
     digest = _digest(dataset, config)
-    output_dir = settings.home.resolve() / "runs" / team_id / user_id / digest
+    output_dir = settings.run_dir(workspace_id, user_id, digest)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id_file = output_dir / RUN_ID_FILE
     previous_run = run_id_file.read_text().strip() if run_id_file.exists() else None
 
     with mlflow.start_run(
         run_id=previous_run,
-        experiment_id=None if previous_run else registry.experiment_id(team_id),
+        experiment_id=None if previous_run else registry.experiment_id(workspace_id),
         run_name=None if previous_run else f"{user_id}-{digest[:8]}",
     ) as run:
         run_id_file.write_text(run.info.run_id)
         if previous_run is None:
-            _log_inputs(dataset, dataset_path, config, base_path, team_id, user_id, digest)
+            _log_inputs(dataset, dataset_path, config, base_path, workspace_id, user_id, digest)
         with _sigterm_as_interrupt():
             try:
                 result = train_adapter(
@@ -111,19 +114,25 @@ def train_user(
                     "run the same command again: it resumes from the last checkpoint",
                 ) from None
         system_prompt = dataset["train"][0]["messages"][0]["content"]
-        Persona(team_id, user_id, system_prompt, config.base_model).write(result.adapter_dir)
+        PersonaCard(workspace_id, user_id, system_prompt, config.base_model).write(
+            result.adapter_dir
+        )
         mlflow.log_artifacts(str(result.adapter_dir), "adapter")
         mlflow.log_figure(_loss_figure(result), "loss_curves.png")
         mlflow.log_metrics({"train_tokens": result.train_tokens, "steps": result.steps})
     version = registry.register(
-        team_id,
+        workspace_id,
         user_id,
         run.info.run_id,
         tags={"dataset_digest": digest, "train_samples": str(len(dataset["train"]))},
     )
     run_id_file.unlink()  # finished: a later identical request trains afresh
     return TrainedVersion(
-        model_name(team_id, user_id), version, run.info.run_id, result.steps, result.resumed_from
+        model_name(workspace_id, user_id),
+        version,
+        run.info.run_id,
+        result.steps,
+        result.resumed_from,
     )
 
 
@@ -154,7 +163,7 @@ def _log_inputs(
     dataset_path: Path,
     config: TrainConfig,
     base_path: str,
-    team_id: str,
+    workspace_id: str,
     user_id: str,
     digest: str,
 ) -> None:
@@ -168,7 +177,7 @@ def _log_inputs(
     )
     mlflow.set_tags(
         {
-            "team_id": team_id,
+            "workspace_id": workspace_id,
             "user_id": user_id,
             "base_model": config.base_model,
             "base_model_path": base_path,
@@ -178,12 +187,37 @@ def _log_inputs(
         | {f"version.{name}": package_version(name) for name in LIBRARIES}
     )
     for split in ("train", "validation"):
-        mlflow.log_input(
-            mlflow.data.from_huggingface(dataset[split], name=f"{user_id}-{split}"),
-            context=split,
-        )
+        mlflow.log_input(_dataset_input(dataset[split], f"{user_id}-{split}"), context=split)
     mlflow.log_artifacts(str(dataset_path), "dataset")  # evaluation reads it back from here
     mlflow.log_dict(config.model_dump(), "config.json")
+
+
+# The columns of `doppel.dataset.build.FEATURES`, declared: MLflow's own inference warns about
+# the integer column on every run, and a declared schema says the same thing exactly.
+SAMPLE_SCHEMA = Schema(
+    [
+        ColSpec(
+            Array(Object([Property("role", "string"), Property("content", "string")])), "messages"
+        ),
+        *(
+            ColSpec("string", name)
+            for name in ("workspace_id", "user_id", "conversation_id", "channel", "reply_ts")
+        ),
+        ColSpec("integer", "context_turns"),
+    ]
+)
+
+
+def _dataset_input(split: Dataset, name: str) -> MetaDataset:
+    """A split as an MLflow dataset input: its source and digest, and the declared schema."""
+    # Our own digest, of every row: MLflow's samples the first rows through pandas.
+    rows = json.dumps(split.to_list(), sort_keys=True).encode()
+    found = from_huggingface(split, name=name, digest=hashlib.sha256(rows).hexdigest()[:8])
+    # MLflow marks `profile` abstract on a Dataset that is no ABC and MetaDataset leaves it out;
+    # MLflow's own docs build MetaDataset directly, and it works.
+    return MetaDataset(  # type: ignore[abstract]
+        found.source, name=name, digest=found.digest, schema=SAMPLE_SCHEMA
+    )
 
 
 def _git_commit() -> str:

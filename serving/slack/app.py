@@ -30,13 +30,13 @@ from starlette.concurrency import run_in_threadpool
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.model_client import ChatModel, ModelClient
-from doppel.slack.installations import oauth_stores
-from doppel.store.database import Database
-from doppel.workspace_state import first_delivery
+from doppel.store.database import Database, database
 from serving.slack.commands import register_commands
+from serving.slack.installations import oauth_stores
 from serving.slack.mentions import register_mentions
+from serving.slack.model_client import ChatModel, ModelClient
 from serving.slack.services import Services
+from serving.slack.state import first_delivery
 from serving.slack.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,8 @@ class SlackApp:
     def __init__(self, settings: Settings, model: ChatModel) -> None:
         if not settings.slack_signing_secret:
             raise DoppelError("SLACK_SIGNING_SECRET is not set", CREDENTIALS_HINT)
-        self.db = Database(settings.db_url)
-        try:
-            self.bolt = build_bolt(settings, self.db)
-        except DoppelError:
-            self.db.dispose()
-            raise
+        self.db = database(settings.db_url)
+        self.bolt = build_bolt(settings, self.db)
         self.trainer = Trainer(settings, self.db)
         self.services = Services(settings, self.db, model, self.trainer)
         self.bolt.use(same_workspace)
@@ -69,15 +65,14 @@ class SlackApp:
 
     def close(self) -> None:
         self.trainer.close()
-        self.db.dispose()
 
 
 def build_bolt(settings: Settings, db: Database) -> App:
-    """A Bolt app for one workspace (bot token) or many (OAuth), acking before it works."""
-    common = {
-        "signing_secret": settings.slack_signing_secret,
-        "process_before_response": False,  # ack first; lazy listeners do the work
-    }
+    """A Bolt app for one workspace (bot token) or many (OAuth), acking before it works.
+
+    Both kinds ack first (`process_before_response=False`); lazy listeners do the work.
+    """
+    secret = settings.slack_signing_secret
     if settings.slack_client_id and settings.slack_client_secret:
         installations, states = oauth_stores(
             db.engine, settings.slack_client_id, settings.secret_key
@@ -95,11 +90,16 @@ def build_bolt(settings: Settings, db: Database) -> App:
         )
         # The client carries no token: each request gets its workspace's installed one.
         client = WebClient(base_url=settings.slack_api_url)
-        return App(client=client, oauth_settings=oauth, **common)
+        return App(
+            client=client,
+            oauth_settings=oauth,
+            signing_secret=secret,
+            process_before_response=False,
+        )
     if settings.slack_bot_token:
         client = WebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
         try:
-            return App(client=client, **common)
+            return App(client=client, signing_secret=secret, process_before_response=False)
         except BoltError as error:
             raise DoppelError(
                 f"Slack refused SLACK_BOT_TOKEN at {settings.slack_api_url}: {error}",

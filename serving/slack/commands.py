@@ -22,7 +22,9 @@ from doppel.consent import consented_users, grant, has_consent, revoke
 from doppel.errors import DoppelError
 from doppel.store.lookup import people, resolve_user
 from doppel.store.models import utcnow
-from doppel.workspace_state import (
+from serving.slack.people import Directory, is_admin
+from serving.slack.services import Services
+from serving.slack.state import (
     WORKSPACE_WIDE,
     active_persona,
     limits,
@@ -31,8 +33,6 @@ from doppel.workspace_state import (
     set_persona,
     trainings_since,
 )
-from serving.slack.people import Directory, is_admin
-from serving.slack.services import Services
 from serving.slack.training import Notify
 
 log = logging.getLogger(__name__)

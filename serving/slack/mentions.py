@@ -18,11 +18,11 @@ from slack_sdk import WebClient
 from doppel.dataset.live import thread_prompt
 from doppel.dataset.samples import SampleRules
 from doppel.errors import DoppelError
-from doppel.model_client import NoProductionAdapter
 from doppel.store.lookup import channel_names
-from doppel.workspace_state import active_persona
+from serving.slack.model_client import NoProductionAdapter
 from serving.slack.people import Directory
 from serving.slack.services import Services
+from serving.slack.state import active_persona
 
 log = logging.getLogger(__name__)
 MAX_THREAD_PAGES = 5  # 1,000 messages; the prompt keeps the newest few anyway
@@ -59,9 +59,12 @@ def answer_mention(
         client.chat_postMessage(channel=channel, thread_ts=root, text=NO_PERSONA)
         return
     name = directory.label(persona)
-    identity = {"username": f"{name} (DoppelBot)", "icon_url": directory.avatar(persona)}
     placeholder = client.chat_postMessage(
-        channel=channel, thread_ts=root, text=f"_{name} is typing…_", **identity
+        channel=channel,
+        thread_ts=root,
+        text=f"_{name} is typing…_",
+        username=f"{name} (DoppelBot)",
+        icon_url=directory.avatar(persona),
     )
     try:
         messages = (
@@ -80,7 +83,7 @@ def answer_mention(
             names,
             channels,
             bots=directory.bots(),
-            rules=_rules(services),
+            rules=SampleRules.from_settings(services.settings.dataset),
             gap_minutes=services.settings.dataset.gap_minutes,
         )
         text = services.model.reply(workspace_id, persona, chat)
@@ -123,11 +126,6 @@ def channel_messages(client: WebClient, channel: str, until: str, limit: int) ->
         for m in page["messages"]
         if m["ts"] == until or (m.get("thread_ts") in (None, m["ts"]) and not m.get("reply_count"))
     ]
-
-
-def _rules(services: Services) -> SampleRules:
-    dataset = services.settings.dataset
-    return SampleRules(dataset.min_chars, dataset.max_context_chars, dataset.max_context_turns)
 
 
 def _marked(text: str, name: str) -> list[dict]:

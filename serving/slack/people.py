@@ -15,7 +15,7 @@ from slack_sdk.errors import SlackApiError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from doppel.dataset.clean import user_label
+from doppel.store.lookup import user_label
 from doppel.store.models import User
 from doppel.store.records import user_row
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from doppel.config import Settings
-from doppel.model_client import ChatModel
 from doppel.store.database import Database
+from serving.slack.model_client import ChatModel
 from serving.slack.training import Trainer
 
 

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from doppel.config import Settings
 from doppel.store.database import Database
-from doppel.workspace_state import add_training_request, update_training_request
+from serving.slack.state import add_training_request, update_training_request
 
 Notify = Callable[[str], None]
 POLL_SECONDS = 15.0
@@ -117,6 +117,7 @@ class Trainer:
         self, request_id: int, workspace_id: str, user_id: str, notify: Notify
     ) -> tuple[str, str]:
         from prefect import get_client
+        from prefect.client.schemas.objects import FlowRun
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -128,6 +129,8 @@ class Trainer:
             parameters["max_steps"] = app.train_max_steps
         with temporary_settings({PREFECT_API_URL: self.settings.prefect_api_url}):
             run = run_deployment(app.deployment, parameters=parameters, timeout=0)
+            # A pool thread has no event loop, so Prefect runs the sync version: no coroutine.
+            assert isinstance(run, FlowRun)
             update_training_request(
                 self.db, request_id, "running", f"Prefect flow run {run.name}", str(run.id)
             )

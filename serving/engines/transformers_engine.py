@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import warnings
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from peft import PeftModel
@@ -23,9 +25,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from doppel.config import Settings
-from doppel.serve.adapters import Adapter
-from doppel.serve.engine import AdapterStats, Delta, SamplingOptions
 from doppel.train.base_model import load_model, load_tokenizer
+from serving.catalog import Adapter
+from serving.engines.base import AdapterStats, Delta, SamplingOptions
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -77,7 +79,7 @@ class TransformersEngine:
 
     async def generate(
         self, request_id: str, prompt: list[int], adapter: Adapter | None, options: SamplingOptions
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         job = _Job(prompt, adapter, options, asyncio.get_running_loop())
         self._jobs.put(job)
         try:
@@ -184,7 +186,11 @@ class TransformersEngine:
         self._loaded[name] = None
         while len(self._loaded) > self.serve.max_loaded_adapters:
             evicted, _ = self._loaded.popitem(last=False)
-            self.model.delete_adapter(evicted)
+            with warnings.catch_warnings():
+                # Requests name their adapter (`adapter_names=`), so PEFT's "active" adapter
+                # means nothing here; its notice that it moved would only be noise in logs.
+                warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
+                self.model.delete_adapter(evicted)
             self.stats.evictions += 1
         return name
 
@@ -196,7 +202,7 @@ class TransformersEngine:
             self._finish(job, "stop")
             return
         job.tokens.append(token)
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text = self._text(job)
         cut = _first_stop(text, job.options.stop)
         if cut is not None:
             self._finish(job, "stop", text[:cut])
@@ -212,11 +218,15 @@ class TransformersEngine:
 
     def _finish(self, job: _Job, reason: str, text: str | None = None) -> None:
         if text is None:
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            text = self._text(job)
             cut = _first_stop(text, job.options.stop)
             text = text if cut is None else text[:cut]
         job.done = True
         job.send(Delta(text[job.sent :], 0, reason))
+
+    def _text(self, job: _Job) -> str:
+        # One flat list of ids decodes to one string; a list of strings is for a batch of lists.
+        return cast(str, self.tokenizer.decode(job.tokens, skip_special_tokens=True))
 
 
 class _RowStreamer(BaseStreamer):
@@ -247,7 +257,8 @@ class _RowsFinished(StoppingCriteria):
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs
     ) -> torch.BoolTensor:
         done = [job.done or job.cancelled for job in self.batch]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        # torch.BoolTensor is the legacy name of a bool tensor: torch.tensor() is typed Tensor.
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
 
 def _peft_name(adapter: Adapter | None) -> str:

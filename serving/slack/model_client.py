@@ -1,7 +1,7 @@
 """The Slack app's view of the model API: one persona's reply to a chat.
 
 The model API speaks OpenAI's `POST /v1/chat/completions`, with `model` set to
-"<team_id>/<user_id>". It answers 404 with `{"error": {"type": "model_not_found"}}` when
+"<workspace_id>/<user_id>". It answers 404 with `{"error": {"type": "model_not_found"}}` when
 the person has no production adapter, and it adds the persona's own system prompt when
 the chat does not open with one.
 """
@@ -12,8 +12,8 @@ from typing import Protocol
 
 import httpx
 
-from doppel.dataset.samples import ChatMessage
 from doppel.errors import DoppelError
+from doppel.types import ChatMessage
 
 
 class NoProductionAdapter(DoppelError):
@@ -24,7 +24,7 @@ class ChatModel(Protocol):
     """Anything that writes a persona's next message: the HTTP client below, or an
     in-process model when the Slack app runs inside the model server."""
 
-    def reply(self, team_id: str, user_id: str, messages: list[ChatMessage]) -> str: ...
+    def reply(self, workspace_id: str, user_id: str, messages: list[ChatMessage]) -> str: ...
 
 
 class ModelClient:
@@ -37,8 +37,8 @@ class ModelClient:
             base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0)
         )
 
-    def reply(self, team_id: str, user_id: str, messages: list[ChatMessage]) -> str:
-        model = f"{team_id}/{user_id}"
+    def reply(self, workspace_id: str, user_id: str, messages: list[ChatMessage]) -> str:
+        model = f"{workspace_id}/{user_id}"
         body = {"model": model, "messages": messages, "max_tokens": self.max_tokens}
         try:
             response = self._http.post("/v1/chat/completions", json=body)

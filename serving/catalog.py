@@ -24,8 +24,8 @@ from mlflow.exceptions import MlflowException
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.persona import PERSONA_FILE, Persona
-from doppel.registry import PRODUCTION, Registry, model_name
+from doppel.persona import PERSONA_FILE, PersonaCard
+from doppel.registry import PRODUCTION, Registry, model_name, owner
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ class RegistryUnavailable(DoppelError):
 class Adapter:
     """One downloaded adapter version, ready for an engine to load."""
 
-    model_id: str  # what clients ask for: "<team_id>/<user_id>"
-    name: str  # the registered model, doppel.<team_id>.<user_id>
+    model_id: str  # what clients ask for: "<workspace_id>/<user_id>"
+    name: str  # the registered model, doppel.<workspace_id>.<user_id>
     version: str
     lora_id: int  # unique per (name, version) for the life of the process
     path: Path
-    persona: Persona
+    card: PersonaCard
     rank: int
 
     @property
@@ -56,15 +56,16 @@ class Adapter:
 
 
 def parse_model(model: str) -> tuple[str, str, str | None]:
-    """`T/U` or `T/U@3` to (team_id, user_id, version or None)."""
+    """`T/U` or `T/U@3` to (workspace_id, user_id, version or None)."""
     person, _, version = model.partition("@")
-    team_id, _, user_id = person.partition("/")
-    if not team_id or not user_id or "/" in user_id or (version == "" and "@" in model):
+    workspace_id, _, user_id = person.partition("/")
+    if not workspace_id or not user_id or "/" in user_id or (version == "" and "@" in model):
         raise UnknownModel(
-            f"model '{model}' is not '<team_id>/<user_id>' or '<team_id>/<user_id>@<version>'",
+            f"model '{model}' is not '<workspace_id>/<user_id>' or "
+            "'<workspace_id>/<user_id>@<version>'",
             "list the served models with GET /v1/models",
         )
-    return team_id, user_id, version or None
+    return workspace_id, user_id, version or None
 
 
 class AdapterCatalog:
@@ -92,15 +93,15 @@ class AdapterCatalog:
 
     def resolve(self, model: str) -> Adapter:
         """The adapter for a request's `model`, downloading an explicit version if needed."""
-        team_id, user_id, version = parse_model(model)
-        model_id = f"{team_id}/{user_id}"
+        workspace_id, user_id, version = parse_model(model)
+        model_id = f"{workspace_id}/{user_id}"
         if version is None:
             with self._lock:
                 key = self._production.get(model_id)
             if key is None:
                 raise UnknownModel(f"no production adapter for '{model_id}'", self._known_hint())
             return self._adapters[key]
-        name = model_name(team_id, user_id)
+        name = model_name(workspace_id, user_id)
         with self._lock:
             cached = self._adapters.get((name, version))
         return cached or self._load(model_id, name, version)
@@ -145,11 +146,10 @@ class AdapterCatalog:
         names, production = set(), {}
         for registered in registry.client.search_registered_models("name LIKE 'doppel.%'"):
             names.add(registered.name)
-            team_id = registered.tags.get("team_id")
-            user_id = registered.tags.get("user_id")
+            workspace_id, user_id = owner(registered.tags)
             current = _production_version(registry, registered.name)
-            if team_id and user_id and current is not None:
-                production[f"{team_id}/{user_id}"] = (registered.name, current)
+            if workspace_id and user_id and current is not None:
+                production[f"{workspace_id}/{user_id}"] = (registered.name, current)
         return names, production
 
     def _forget_deleted(self, registered: set[str]) -> None:
@@ -195,10 +195,10 @@ class AdapterCatalog:
         folder = self.cache_dir / name / version
         if not (folder / PERSONA_FILE).is_file():
             self._download(name, version, folder)
-        persona = Persona.read(folder)
-        if persona.base_model != self.settings.serve.base_model:
+        card = PersonaCard.read(folder)
+        if card.base_model != self.settings.serve.base_model:
             raise DoppelError(
-                f"{name} version {version} was trained on {persona.base_model}, "
+                f"{name} version {version} was trained on {card.base_model}, "
                 f"but this server serves {self.settings.serve.base_model}",
                 "serve that base (serve.base_model) or retrain on this one",
             )
@@ -206,7 +206,7 @@ class AdapterCatalog:
             adapter = self._adapters.get((name, version))
             if adapter is None:
                 adapter = Adapter(
-                    model_id, name, version, next(self._lora_ids), folder, persona, _rank(folder)
+                    model_id, name, version, next(self._lora_ids), folder, card, _rank(folder)
                 )
                 self._adapters[(name, version)] = adapter
         return adapter
@@ -228,7 +228,7 @@ class AdapterCatalog:
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
         try:
             adapter_dir = registry.download_adapter(name, version, staging)
-            Persona.read(adapter_dir)
+            PersonaCard.read(adapter_dir)
             shutil.rmtree(folder, ignore_errors=True)
             adapter_dir.rename(folder)
         finally:

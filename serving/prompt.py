@@ -11,23 +11,24 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from doppel.persona import Persona
-from doppel.train.encode import ChatMessage, fit_prompt
+from doppel.persona import PersonaCard
+from doppel.train.encode import fit_prompt
+from doppel.types import ChatMessage
 
 
-def with_system_prompt(persona: Persona | None, messages: list[ChatMessage]) -> list[ChatMessage]:
+def with_system_prompt(card: PersonaCard | None, messages: list[ChatMessage]) -> list[ChatMessage]:
     """The persona's trained system prompt first, unless the caller sent one."""
-    if persona is None or (messages and messages[0]["role"] == "system"):
+    if card is None or (messages and messages[0]["role"] == "system"):
         return list(messages)
-    return [{"role": "system", "content": persona.system_prompt}, *messages]
+    return [{"role": "system", "content": card.system_prompt}, *messages]
 
 
 def prompt_ids(
     tokenizer: PreTrainedTokenizerBase,
-    persona: Persona | None,
+    card: PersonaCard | None,
     messages: list[ChatMessage],
     budget: int,
 ) -> list[int]:
     """The token ids the engine continues: chat template, generation prompt, trimmed."""
-    _, ids = fit_prompt(tokenizer, with_system_prompt(persona, messages), budget)
+    _, ids = fit_prompt(tokenizer, with_system_prompt(card, messages), budget)
     return ids

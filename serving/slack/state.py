@@ -132,6 +132,8 @@ def update_training_request(
 ) -> None:
     with db.transaction() as session:
         row = session.get(TrainingRequest, request_id)
+        if row is None:
+            raise LookupError(f"training request {request_id} is not in the database")
         row.status = status
         row.detail = detail if detail is not None else row.detail
         row.flow_run = flow_run or row.flow_run

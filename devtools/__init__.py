@@ -1,0 +1,1 @@
+"""Developer tools for demos, tests and benchmarks; the runtime never imports them."""

@@ -1,0 +1,1 @@
+"""Messages to one person's chat samples: cleaning, conversations, samples, the dataset step."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the store; `doppel.store.schema` configures and runs them."""
