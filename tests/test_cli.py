@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from datasets import load_from_disk
 from slack_sdk import WebClient
 
