@@ -32,8 +32,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from doppel.config import Settings, load_settings
+from doppel.consent import grant
 from doppel.persona import PersonaCard
 from doppel.registry import Registry, model_name
+from doppel.store.database import database
 from doppel.train.base_model import resolve_base_model
 from doppel.train.config import TrainConfig
 
@@ -58,6 +60,8 @@ def register_adapters(settings: Settings, count: int) -> list[str]:
     for index in range(count):
         user = f"UBENCH{index:03d}"
         ids.append(f"{TEAM}/{user}")
+        with database(settings.db_url).transaction() as session:
+            grant(session, TEAM, user, "benchmark")  # the catalog serves consenting people only
         if registry.production(model_name(TEAM, user)):
             continue
         torch.manual_seed(index)

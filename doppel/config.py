@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -76,6 +77,9 @@ class ExportSettings(Section):
     """Limits that protect us from hostile or broken export files."""
 
     max_unzipped_mb: int = Field(2048, ge=1)
+    max_file_mb: int = Field(256, ge=1)  # any one JSON file of the export
+    max_compression_ratio: float = Field(100.0, ge=1)  # a ZIP member's unpacked/packed size
+    max_json_depth: int = Field(64, ge=2)  # nesting of objects and lists in one file
 
 
 class DatasetSettings(Section):
@@ -86,6 +90,11 @@ class DatasetSettings(Section):
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     max_context_chars: int = Field(3000, ge=100)
     max_context_turns: int = Field(12, ge=1)
+    # Secrets (keys, tokens, passwords in URLs) are always replaced by placeholders, in
+    # datasets and live prompts; emails and phone numbers too, unless turned off here.
+    scrub_emails: bool = True
+    scrub_phones: bool = True
+    phone_region: str = Field("US", pattern="^[A-Z]{2}$")  # for numbers without a +country code
     system_prompt: str = (
         "You are {name}, a member of the {workspace} Slack workspace. "
         "Reply to the conversation the way {name} would."
@@ -126,6 +135,18 @@ class SlackAppSettings(Section):
     # Defaults for every workspace; `doppel limits` overrides them per workspace.
     max_enrolled: int = Field(50, ge=0)  # people who may opt in
     trainings_per_day: int = Field(10, ge=0)  # `/doppel train` requests per 24 hours
+    # Bounds under load: threads answering mentions and running /doppel, kept apart so one
+    # cannot starve the other, and how much work may wait for them before "busy".
+    mention_workers: int = Field(4, ge=1)
+    command_workers: int = Field(2, ge=1)
+    max_waiting: int = Field(16, ge=0)  # per pool; beyond this the requester is told "busy"
+    # Mentions answered per sliding minute, in each replica's memory (not shared).
+    mentions_per_user_per_minute: int = Field(5, ge=1)
+    mentions_per_channel_per_minute: int = Field(20, ge=1)
+    max_reply_chars: int = Field(3000, ge=100, le=3000)  # Slack's limit for a section block
+    max_request_bytes: int = Field(65_536, ge=1024)  # `doppel slack-app`: bodies beyond get 413
+    # The key sent to the model API as "Bearer <key>"; default: the first of serve.api_keys.
+    model_api_key: SecretStr | None = None
 
 
 class ServeSettings(Section):
@@ -134,6 +155,8 @@ class ServeSettings(Section):
     engine: str = Field("auto", pattern="^(auto|vllm|transformers)$")  # auto: vLLM if installed
     base_model: str = "smollm2-135m-instruct"  # adapters trained on another base are not served
     refresh_seconds: float = Field(30.0, gt=0)  # how often the `production` aliases are re-read
+    # Who consents is re-read from the database at most this old: a revoke stops serving within.
+    consent_cache_seconds: float = Field(1.0, ge=0, le=2)
     max_loaded_adapters: int = Field(16, ge=1)  # adapters kept in memory, least recently used out
     max_gpu_loras: int = Field(4, ge=1)  # vLLM: distinct adapters in one batch
     max_lora_rank: int = Field(16, ge=1)  # vLLM: raised to the largest registered rank
@@ -149,7 +172,20 @@ class ServeSettings(Section):
     request_timeout_seconds: float = Field(120.0, gt=0)
     kv_cache_gib: float = Field(1.0, gt=0)  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool | None = None  # vLLM: None = eager on CPU, CUDA graphs on GPU
-    admin_token: str | None = None  # when set, POST /admin/reload needs "Bearer <token>"
+    # /admin/* and non-production versions need "Bearer <token>"; unset, they answer 403.
+    admin_token: SecretStr | None = None
+    # Clients send "Bearer <key>"; with any set, every route but /healthz and /slack/* needs
+    # one. A YAML list, or comma-separated in DOPPEL_SERVE__API_KEYS (not JSON).
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the keys when set)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """The environment gives one string: split it on commas, blanks dropped."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
 
 def _yaml_path() -> Path | None:

@@ -8,23 +8,29 @@ carries the gate's decision and its reason as tags, and the version it replaced,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import LifecycleStage, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.entities.paged_list import PagedList
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
+from doppel.redact import redact, redact_url
 
 PRODUCTION = "production"
 CHALLENGER = "challenger"
 ADAPTER_ARTIFACT = "adapter"
+PAGE_SIZE = 100  # results per MLflow search page
+T = TypeVar("T")
 
 
 def model_name(workspace_id: str, user_id: str) -> str:
@@ -63,7 +69,8 @@ class Registry:
                 self.client.search_experiments(max_results=1)
         except Exception as error:
             raise DoppelError(
-                f"MLflow is unreachable at {self.uri}: {str(error).splitlines()[0][:200]}",
+                f"MLflow is unreachable at {redact_url(self.uri)}: "
+                f"{redact(str(error).splitlines()[0][:200])}",
                 "start it (mlflow server --workers 1) or fix MLFLOW_TRACKING_URI",
             ) from None
 
@@ -154,27 +161,90 @@ class Registry:
         self.record_decision(name, current.version, "rolled_back", f"rolled back to {previous}")
         return str(current.version), previous
 
-    def delete_model(self, name: str) -> dict[str, Any]:
-        """Delete a person's registered model, every version, and the MLflow runs behind
-        them with their artifacts (the adapters). Returns what was deleted; a model that
-        does not exist deletes nothing."""
+    def delete_person(self, workspace_id: str, user_id: str, failed: list[str]) -> dict[str, Any]:
+        """Delete a person's registered model with every version, and every MLflow run made
+        of them with its artifacts (the adapters, the dataset copy, the evaluation replies).
+
+        Runs are found by their tags, not only through versions: a training that never
+        registered, failed or was killed leaves a run too. What cannot be deleted is added
+        to `failed` and the rest still goes; running it again finishes the job."""
+        name = model_name(workspace_id, user_id)
         deleted: dict[str, Any] = {"name": name, "versions": [], "runs": []}
-        versions = self.versions(name)
-        runs = list(dict.fromkeys(v.run_id for v in versions if v.run_id))
+        try:
+            versions = [
+                mv
+                for page in _pages(
+                    lambda token: self.client.search_model_versions(
+                        f"name = '{name}'", max_results=PAGE_SIZE, page_token=token
+                    )
+                )
+                for mv in page
+            ]
+            tagged = [run.info.run_id for run in self.person_runs(workspace_id, user_id)]
+        except (MlflowException, OSError) as error:
+            failed.append(f"MLflow search for {name}: {_first_line(error)}")
+            return deleted
         for mv in versions:
-            self.client.delete_model_version(name, str(mv.version))
-            deleted["versions"].append(str(mv.version))
+            try:
+                self.client.delete_model_version(name, str(mv.version))
+                deleted["versions"].append(str(mv.version))
+            except (MlflowException, OSError) as error:
+                if not _gone(error):
+                    failed.append(f"{name} version {mv.version}: {_first_line(error)}")
         try:
             self.client.delete_registered_model(name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-        for run_id in runs:
-            artifact_uri = self.client.get_run(run_id).info.artifact_uri
-            get_artifact_repository(artifact_uri).delete_artifacts()
-            self.client.delete_run(run_id)
-            deleted["runs"].append(run_id)
+        except (MlflowException, OSError) as error:
+            if not _gone(error):
+                failed.append(f"registered model {name}: {_first_line(error)}")
+        for run_id in dict.fromkeys([*(v.run_id for v in versions if v.run_id), *tagged]):
+            try:
+                if self._delete_run(run_id):
+                    deleted["runs"].append(run_id)
+            except (MlflowException, OSError) as error:
+                failed.append(f"MLflow run {run_id}: {_first_line(error)}")
         return deleted
+
+    def person_runs(self, workspace_id: str, user_id: str) -> list[Run]:
+        """Every run tagged with this person, in every experiment, whatever its state:
+        finished, failed, killed, or deleted with its artifacts still stored."""
+        found: dict[str, Run] = {}
+        experiments = _pages(
+            lambda token: self.client.search_experiments(
+                view_type=ViewType.ALL, max_results=PAGE_SIZE, page_token=token
+            )
+        )
+        for page in experiments:
+            ids = [experiment.experiment_id for experiment in page]
+            for key in ("workspace_id", "team_id"):  # older runs say team_id
+                query = f"tags.{key} = '{workspace_id}' AND tags.user_id = '{user_id}'"
+                found |= {run.info.run_id: run for run in self._all_runs(ids, query)}
+        return list(found.values())
+
+    def _all_runs(self, experiment_ids: list[str], query: str) -> Iterator[Run]:
+        """Every run the query matches, live or deleted, page after page."""
+        for page in _pages(
+            lambda token: self.client.search_runs(
+                experiment_ids, query, ViewType.ALL, PAGE_SIZE, page_token=token
+            )
+        ):
+            yield from page
+
+    def _delete_run(self, run_id: str) -> bool:
+        """Delete a run's artifacts, then the run; False when nothing of it was left."""
+        try:
+            info = self.client.get_run(run_id).info
+        except MlflowException as error:
+            if _gone(error):
+                return False
+            raise
+        artifacts = get_artifact_repository(info.artifact_uri)
+        leftovers = bool(artifacts.list_artifacts())
+        if leftovers:
+            artifacts.delete_artifacts()
+        live = info.lifecycle_stage == LifecycleStage.ACTIVE
+        if live:
+            self.client.delete_run(run_id)
+        return leftovers or live
 
     def download_adapter(self, name: str, version: str, into: Path) -> Path:
         """The version's adapter folder, fetched through MLflow (no shared disk needed)."""
@@ -213,3 +283,23 @@ class Registry:
                 }
             )
         return sorted(result, key=lambda model: model["name"])
+
+
+def _pages(search: Callable[[str | None], PagedList[T]]) -> Iterator[PagedList[T]]:
+    """Every page of an MLflow search, following `page_token` to the end."""
+    token = None
+    while True:
+        page = search(token)
+        yield page
+        token = page.token
+        if not token:
+            return
+
+
+def _gone(error: Exception) -> bool:
+    """Already deleted (by a revoke or a training stopping at the same time): not a failure."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__

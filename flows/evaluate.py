@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 from prefect import flow, task
 
 from doppel.config import get_settings
+from doppel.consent import stop_if_withdrawn
 from doppel.evaluate.run import evaluate_version
 from flows.common import person_ids, transient
 
 
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
 def evaluate_task(workspace_id: str, user_id: str, version: str | None, gate: bool) -> dict:
-    return asdict(evaluate_version(get_settings(), workspace_id, user_id, version, gate))
+    """Score and gate; promotes nobody who opted out meanwhile (and keeps nothing of them)."""
+    settings = get_settings()
+    recheck = partial(stop_if_withdrawn, settings, workspace_id, user_id)
+    return asdict(evaluate_version(settings, workspace_id, user_id, version, gate, recheck))
 
 
 @flow(name="evaluate")

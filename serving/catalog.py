@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -21,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from doppel.config import Settings
+from doppel.consent import ConsentCache
 from doppel.errors import DoppelError
 from doppel.persona import PERSONA_FILE, PersonaCard
+from doppel.redact import redact
 from doppel.registry import PRODUCTION, Registry, model_name, owner
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,10 @@ class UnknownModel(DoppelError):
 
 class RegistryUnavailable(DoppelError):
     """MLflow is down and the adapter asked for is not cached (HTTP 503)."""
+
+
+class ConsentUnavailable(RegistryUnavailable):
+    """The database that records consent does not answer: nobody is served (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -55,17 +63,28 @@ class Adapter:
         return f"{self.name}@{self.version}"
 
 
+SLACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Slack's ids are T0123ABC, U0123ABC, ...
+VERSION = re.compile(r"0*([1-9][0-9]{0,8})")  # a positive integer, leading zeros ignored
+
+
 def parse_model(model: str) -> tuple[str, str, str | None]:
-    """`T/U` or `T/U@3` to (workspace_id, user_id, version or None)."""
-    person, _, version = model.partition("@")
+    """`T/U` or `T/U@3` to (workspace_id, user_id, version or None).
+
+    Each part becomes a folder name in the cache and an MLflow name, so only Slack-style
+    ids and positive integer versions pass, the version normalised (`@01` is `@1`).
+    """
+    person, at, version = model.partition("@")
     workspace_id, _, user_id = person.partition("/")
-    if not workspace_id or not user_id or "/" in user_id or (version == "" and "@" in model):
+    number = VERSION.fullmatch(version)
+    if not (SLACK_ID.fullmatch(workspace_id) and SLACK_ID.fullmatch(user_id)) or (
+        at and number is None
+    ):
         raise UnknownModel(
             f"model '{model}' is not '<workspace_id>/<user_id>' or "
-            "'<workspace_id>/<user_id>@<version>'",
+            "'<workspace_id>/<user_id>@<version>' (a version is a positive integer)",
             "list the served models with GET /v1/models",
         )
-    return workspace_id, user_id, version or None
+    return workspace_id, user_id, number.group(1) if number else None
 
 
 class AdapterCatalog:
@@ -82,29 +101,54 @@ class AdapterCatalog:
         self.mlflow_reachable = False
         self.last_error: str | None = None
         self.last_refresh: float | None = None
+        self._consent = ConsentCache(settings.db_url, settings.serve.consent_cache_seconds)
 
     # -- what is served ------------------------------------------------------------
 
     def served(self) -> list[Adapter]:
-        """The production adapter of every person, sorted by model id."""
+        """The production adapter of every person who consents (as last read: no I/O, async
+        code calls this), sorted by model id."""
+        consenting = self._consent.known()
         with self._lock:
             keys = sorted(self._production.items())
-        return [self._adapters[key] for _, key in keys if key in self._adapters]
+        return [
+            self._adapters[key]
+            for model_id, key in keys
+            if key in self._adapters and tuple(model_id.split("/", 1)) in consenting
+        ]
 
     def resolve(self, model: str) -> Adapter:
         """The adapter for a request's `model`, downloading an explicit version if needed."""
         workspace_id, user_id, version = parse_model(model)
         model_id = f"{workspace_id}/{user_id}"
+        self._require_consent(workspace_id, user_id)
         if version is None:
             with self._lock:
                 key = self._production.get(model_id)
             if key is None:
-                raise UnknownModel(f"no production adapter for '{model_id}'", self._known_hint())
+                raise self._not_served(model_id)
             return self._adapters[key]
         name = model_name(workspace_id, user_id)
         with self._lock:
             cached = self._adapters.get((name, version))
         return cached or self._load(model_id, name, version)
+
+    def _require_consent(self, workspace_id: str, user_id: str) -> None:
+        """Checked on every request against the database (cached `consent_cache_seconds`),
+        so a revoke stops a persona at once, cached adapters included. Someone without
+        consent gets the 404 of someone we never had: it does not tell who exists."""
+        try:
+            allowed = self._consent.allows(workspace_id, user_id)
+        except (SQLAlchemyError, DoppelError) as error:  # fail closed, whatever the cause
+            log.warning("cannot read consent, serving nobody: %s", type(error).__name__)
+            raise ConsentUnavailable(
+                "consent cannot be checked: the database does not answer", "retry shortly"
+            ) from None
+        if not allowed:
+            raise self._not_served(f"{workspace_id}/{user_id}")
+
+    def _not_served(self, model_id: str) -> UnknownModel:
+        return UnknownModel(f"no production adapter for '{model_id}'", self._known_hint())
 
     def _known_hint(self) -> str:
         known = [adapter.model_id for adapter in self.served()]
@@ -115,10 +159,14 @@ class AdapterCatalog:
     def refresh(self) -> None:
         """Re-read every `production` alias and fetch new versions; never raises."""
         try:
+            self._consent.reread()  # for `served`, which must not read the database itself
+        except (SQLAlchemyError, DoppelError) as error:
+            log.warning("cannot read consent: %s", type(error).__name__)
+        try:
             registered, production = self._read_aliases()
         except Exception as error:  # MLflow down or broken: keep serving what we have
             self.mlflow_reachable = False
-            self.last_error = str(error).splitlines()[0][:300]
+            self.last_error = redact(str(error).splitlines()[0][:300])
             log.warning("MLflow unreachable, serving cached adapters: %s", self.last_error)
             if not self._production:
                 self._restore_aliases()
@@ -129,8 +177,8 @@ class AdapterCatalog:
             try:
                 self._load(model_id, *key)
             except Exception as error:
-                self.problems[model_id] = str(error)
-                log.warning("not serving %s: %s", model_id, error)
+                self.problems[model_id] = redact(str(error))
+                log.warning("not serving %s: %s", model_id, self.problems[model_id])
                 continue
             self.problems.pop(model_id, None)
             resolved[model_id] = key
@@ -192,7 +240,7 @@ class AdapterCatalog:
         with self._lock:
             if (name, version) in self._adapters:
                 return self._adapters[(name, version)]
-        folder = self.cache_dir / name / version
+        folder = self._cache_path(name, version)
         if not (folder / PERSONA_FILE).is_file():
             self._download(name, version, folder)
         card = PersonaCard.read(folder)
@@ -210,6 +258,21 @@ class AdapterCatalog:
                 )
                 self._adapters[(name, version)] = adapter
         return adapter
+
+    def _cache_path(self, name: str, version: str) -> Path:
+        """`serve-cache/<name>/<version>`, checked to stay in the cache whatever the names
+        hold (the aliases file on disk is read back too)."""
+        try:
+            folder = (self.cache_dir / name / version).resolve()
+            inside = folder.is_relative_to(self.cache_dir)
+        except (OSError, ValueError):  # a NUL byte, a symlink loop
+            inside = False
+        if not inside or len(folder.relative_to(self.cache_dir).parts) != 2:
+            raise UnknownModel(
+                f"{name} version {version} does not name a folder inside the adapter cache",
+                "names are doppel.<workspace_id>.<user_id>, versions positive integers",
+            )
+        return folder
 
     def _download(self, name: str, version: str, folder: Path) -> None:
         """Fetch into a staging folder, then rename: a half download is never used."""

@@ -1,5 +1,5 @@
-"""Consent from the operator's CLI: `doppel consent`, `doppel limits`, and the pipeline's
-refusal to train anyone who has not opted in."""
+"""Consent from the operator's CLI: `doppel consent` for one person or several,
+`doppel limits`, and the pipeline's refusal to train anyone who has not opted in."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from doppel.registry import Registry
 from doppel.store.database import Database
 from tests.helpers import doppel, last_json
 
-TEAM, ALICE = "T0SYNTH01", "U0000001"
+TEAM, ALICE, BRUNO = "T0SYNTH01", "U0000001", "U0000002"
 
 
 def test_consent_commands_and_the_pipeline_refusing_without_consent(synth_zip: Path) -> None:
@@ -33,7 +33,7 @@ def test_consent_commands_and_the_pipeline_refusing_without_consent(synth_zip: P
     (row,) = last_json(doppel("consent", "list", "--json"))
     assert row == {"user_id": ALICE, "name": "alice", "granted": True}
 
-    deletion = last_json(doppel("consent", "revoke", "alice", "--json"))
+    (deletion,) = last_json(doppel("consent", "revoke", "alice", "--json"))
     assert deletion["user_id"] == ALICE and deletion["messages_excluded"] > 0
     assert deletion["model"] == {"name": f"doppel.{TEAM}.{ALICE}", "versions": [], "runs": []}
     (row,) = last_json(doppel("consent", "list", "--json"))
@@ -55,9 +55,37 @@ def test_limits_and_the_slack_app_without_credentials() -> None:
     assert "Traceback" not in no_token.stderr
 
 
+def test_consent_for_several_people_at_once(synth_zip: Path) -> None:
+    ingest_export(Database(get_settings().db_url), synth_zip, max_bytes=2**26)
+    granted = doppel("consent", "grant", "alice", BRUNO, "--json")
+    assert "alice (U0000001) of T0SYNTH01 now consents" in granted.stderr
+    assert "bruno (U0000002) of T0SYNTH01 now consents" in granted.stderr
+    assert last_json(granted) == [
+        {"workspace_id": TEAM, "user_id": ALICE, "name": "alice", "new": True},
+        {"workspace_id": TEAM, "user_id": BRUNO, "name": "bruno", "new": True},
+    ]
+
+    # One unknown name, and nothing changes for anyone.
+    refused = doppel("consent", "revoke", "alice", "nobody", "--json", ok=False)
+    assert refused.returncode == 1 and "unknown user 'nobody'" in refused.stderr
+    assert "no longer consents" not in refused.stderr and refused.stdout == ""
+    listed = last_json(doppel("consent", "list", "--json"))
+    assert [(row["user_id"], row["granted"]) for row in listed] == [(ALICE, True), (BRUNO, True)]
+
+    revoked = doppel("consent", "revoke", "alice", "bruno", "alice", "--json")
+    assert "alice (U0000001) of T0SYNTH01 no longer consents. Deleted:" in revoked.stderr
+    assert "bruno (U0000002) of T0SYNTH01 no longer consents. Deleted:" in revoked.stderr
+    deletions = last_json(revoked)
+    assert [(d["user_id"], d["failed"]) for d in deletions] == [(ALICE, []), (BRUNO, [])]
+    listed = last_json(doppel("consent", "list", "--json"))
+    assert [(row["user_id"], row["granted"]) for row in listed] == [(ALICE, False), (BRUNO, False)]
+
+
 def test_deleting_a_model_that_does_not_exist_deletes_nothing() -> None:
-    deleted = Registry(get_settings()).delete_model("doppel.T0NONE.U0NONE")
+    failed: list[str] = []
+    deleted = Registry(get_settings()).delete_person("T0NONE", "U0NONE", failed)
     assert deleted == {"name": "doppel.T0NONE.U0NONE", "versions": [], "runs": []}
+    assert failed == []
 
 
 def test_the_pipeline_flow_refuses_too(synth_zip: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from doppel.config import get_settings
+from doppel.consent import grant
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.registry import PRODUCTION, Registry, model_name
@@ -33,7 +34,10 @@ def test_the_registry_on_postgresql(
     settings = get_settings()
     assert settings.mlflow_tracking_uri.startswith("postgresql")
 
-    ingest_export(Database(settings.db_url), synth_zip, max_bytes=2**26)
+    db = Database(settings.db_url)
+    ingest_export(db, synth_zip, max_bytes=2**26)
+    with db.transaction() as session:
+        grant(session, TEAM, USER, "postgres test")
     dataset = build_dataset(settings, USER).path
     first = train_user(settings, TEAM, USER, dataset, load_train_config(None, **TINY))
     second = train_user(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from datasets import load_from_disk
 
 from doppel.config import Settings, load_settings
+from doppel.consent import grant
 from doppel.dataset.build import build_dataset
 from doppel.ingest import ingest_export
 from doppel.registry import Registry, model_name
@@ -34,6 +36,9 @@ MODEL = f"{TEAM}/{USER}"
 NAME = model_name(TEAM, USER)
 TINY = {"max_length": 128, "batch_size": 4, "eval_steps": 2, "max_steps": 2}
 QUESTION = [{"role": "user", "content": "Bo: is the deploy going out today?"}]
+KEY, ADMIN = "serving-tests-key", "serving-tests-admin"
+CLIENT = {"Authorization": f"Bearer {KEY}"}
+OPERATOR = {"Authorization": f"Bearer {ADMIN}"}  # /admin/*, and versions not in production
 
 
 @dataclass
@@ -52,7 +57,8 @@ class World:
         """These settings with a home of their own: an in-process catalog must not share
         its adapter cache with the running server's."""
         limits = self.settings.serve.model_copy(update=serve)
-        return self.settings.model_copy(update={"home": home, "serve": limits})
+        shared = {"database_url": self.settings.db_url}  # consent is read from the store
+        return self.settings.model_copy(update={"home": home, "serve": limits, **shared})
 
     def server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DOPPEL_", "MLFLOW_"))}
@@ -63,6 +69,8 @@ class World:
             "DOPPEL_SERVE__REFRESH_SECONDS": "1",
             "DOPPEL_SERVE__MAX_INFLIGHT": "3",
             "DOPPEL_SERVE__MAX_TOKENS_LIMIT": "64",
+            "DOPPEL_SERVE__API_KEYS": KEY,
+            "DOPPEL_SERVE__ADMIN_TOKEN": ADMIN,
             "VLLM_CPU_KVCACHE_SPACE": "1",
         }
 
@@ -75,7 +83,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, synth_zip:
     settings = load_settings(
         home=root / "home", mlflow_tracking_uri=f"http://127.0.0.1:{port}", model_cache=models_dir
     )
-    ingest_export(Database(settings.db_url), synth_zip, max_bytes=2**26)
+    db = Database(settings.db_url)
+    ingest_export(db, synth_zip, max_bytes=2**26)
+    with db.transaction() as session:
+        grant(session, TEAM, USER, "serving tests")
     dataset_path = build_dataset(settings, USER).path
     for learning_rate in (2e-3, 8e-3):
         config = load_train_config(None, learning_rate=learning_rate, **TINY)
@@ -101,11 +112,12 @@ def api(request: pytest.FixtureRequest, world: World):
 
 def chat(api: Process, **body) -> httpx.Response:
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0} | body
-    return httpx.post(f"{api.url}/v1/chat/completions", json=body, timeout=120)
+    headers = OPERATOR if "@" in body["model"] else CLIENT
+    return httpx.post(f"{api.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
 
 
 def served_version(api: Process) -> str:
-    models = httpx.get(f"{api.url}/v1/models", timeout=10).json()["data"]
+    models = httpx.get(f"{api.url}/v1/models", headers=CLIENT, timeout=10).json()["data"]
     return next(m["version"] for m in models if m["id"] == MODEL)
 
 
@@ -151,7 +163,7 @@ def test_chat_completion_and_its_stream_agree(api: Process):
         "stream": True,
     }
     url = f"{api.url}/v1/chat/completions"
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
+    with httpx.stream("POST", url, json=body, headers=CLIENT, timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [
             line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")
@@ -170,11 +182,11 @@ def test_chat_completion_and_its_stream_agree(api: Process):
 
 def test_models_health_and_metrics(api: Process):
     assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{api.url}/readyz").json()
+    ready = httpx.get(f"{api.url}/readyz", headers=CLIENT).json()
     assert ready["status"] == "ready" and ready["mlflow_reachable"] and ready["served"] == 1
     assert served_version(api) == "1"
     chat(api, model=f"{MODEL}@2")
-    metrics = httpx.get(f"{api.url}/metrics").text
+    metrics = httpx.get(f"{api.url}/metrics", headers=CLIENT).text
     for name in (
         'doppel_requests_total{route="/v1/chat/completions",status="200"}',
         "doppel_request_seconds_bucket",
@@ -204,17 +216,56 @@ def test_unknown_models_get_404_and_bad_requests_422(api: Process):
     ):
         response = chat(api, **bad)
         assert response.status_code == 422, bad
-    assert httpx.post(f"{api.url}/v1/chat/completions", content=b"{", timeout=10).status_code == 422
+    url = f"{api.url}/v1/chat/completions"
+    assert httpx.post(url, content=b"{", headers=CLIENT, timeout=10).status_code == 422
     huge = httpx.post(
-        f"{api.url}/v1/chat/completions", content=b"x" * 300_000, timeout=10,
-        headers={"content-type": "application/json"},
+        url, content=b"x" * 300_000, timeout=10,
+        headers=CLIENT | {"content-type": "application/json"},
     )  # fmt: skip
     assert huge.status_code == 413
 
 
+def test_explicit_versions_other_than_production_need_the_admin_token(api: Process):
+    url = f"{api.url}/v1/chat/completions"
+    for version, headers, status in (
+        ("2", CLIENT, 401),  # the challenger: operators only
+        ("2", OPERATOR, 200),
+        ("1", CLIENT, 200),  # production, named explicitly
+        ("01", CLIENT, 200),  # the same version
+    ):
+        body = {"model": f"{MODEL}@{version}", "messages": QUESTION, "max_tokens": 2}
+        answer = httpx.post(url, json=body, headers=headers, timeout=120)
+        assert answer.status_code == status, (version, headers)
+        if status == 200:
+            assert answer.json()["system_fingerprint"] == f"{NAME}@{int(version)}"
+
+
+def test_a_long_chat_never_stalls_other_requests(api: Process):
+    """Prompts are trimmed by characters and tokenized in a worker thread: while a chat of
+    240,000 characters is prepared, the server keeps answering."""
+    words = "is the deploy going out today or do we wait for the release notes "
+    long_chat = [{"role": "user", "content": f"P{i}: " + words * 60} for i in range(60)]
+
+    async def scenario() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=api.url, headers=CLIENT, timeout=120) as client:
+            body = {"model": MODEL, "messages": long_chat, "max_tokens": 1, "temperature": 0}
+            call = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            slowest = 0.0
+            while not call.done():  # ends with the call, which times out at 120 s
+                started = time.perf_counter()
+                await client.get("/healthz")
+                slowest = max(slowest, time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+            return call.result(), slowest
+
+    answer, slowest = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text
+    assert slowest < 1.0, f"/healthz waited {slowest:.1f} s behind a long chat's prompt"
+
+
 def test_overload_answers_429_with_retry_after_and_recovers(api: Process):
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(headers=CLIENT, timeout=300) as client:
             body = {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "temperature": 0}
             calls = [client.post(f"{api.url}/v1/chat/completions", json=body) for _ in range(10)]
             return await asyncio.gather(*calls)
@@ -237,7 +288,7 @@ def test_a_promoted_version_serves_without_restart(api: Process, world: World):
     assert answer["choices"][0]["message"]["content"] == v2
 
     world.registry().promote(NAME, "1", "test: back")
-    reloaded = httpx.post(f"{api.url}/admin/reload", timeout=60).json()
+    reloaded = httpx.post(f"{api.url}/admin/reload", headers=OPERATOR, timeout=60).json()
     assert reloaded["versions"] == {MODEL: "1"}  # at once, without waiting for the interval
     assert chat(api).json()["choices"][0]["message"]["content"] == before
 
@@ -246,9 +297,9 @@ def test_cached_adapters_keep_serving_while_mlflow_is_down(api: Process, world: 
     chat(api, model=f"{MODEL}@2")  # cached now
     world.mlflow.stop()
     try:
-        reload = httpx.post(f"{api.url}/admin/reload", timeout=60).json()
+        reload = httpx.post(f"{api.url}/admin/reload", headers=OPERATOR, timeout=60).json()
         assert reload["mlflow_reachable"] is False and reload["versions"] == {MODEL: "1"}
-        ready = httpx.get(f"{api.url}/readyz").json()
+        ready = httpx.get(f"{api.url}/readyz", headers=CLIENT).json()
         assert ready["status"] == "degraded" and ready["last_error"]
         assert chat(api).status_code == 200
         assert chat(api, model=f"{MODEL}@2").status_code == 200
@@ -256,7 +307,8 @@ def test_cached_adapters_keep_serving_while_mlflow_is_down(api: Process, world: 
         assert not_cached.status_code == 503 and not_cached.headers["retry-after"]
     finally:
         world.mlflow.start(f"{world.settings.mlflow_tracking_uri}/health", 180)
-    assert httpx.post(f"{api.url}/admin/reload", timeout=60).json()["mlflow_reachable"] is True
+    reloaded = httpx.post(f"{api.url}/admin/reload", headers=OPERATOR, timeout=60).json()
+    assert reloaded["mlflow_reachable"] is True
 
 
 def test_a_restart_with_mlflow_down_serves_the_last_known_versions(world: World, tmp_path: Path):
@@ -273,7 +325,7 @@ def test_a_restart_with_mlflow_down_serves_the_last_known_versions(world: World,
 
 def test_sigterm_lets_inflight_completions_finish(api: Process):
     async def scenario() -> httpx.Response:
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(headers=CLIENT, timeout=120) as client:
             body = {"model": MODEL, "messages": QUESTION, "max_tokens": 64, "temperature": 0}
             call = asyncio.create_task(client.post(f"{api.url}/v1/chat/completions", json=body))
             await asyncio.sleep(1.0)

@@ -22,7 +22,7 @@ from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import TrainConfig, default_config_path, load_train_config
 from doppel.train.encode import encode
 from doppel.train.run import train_user
-from doppel.train.trainer import train_adapter
+from doppel.train.trainer import last_complete_checkpoint, train_adapter
 from tests.helpers import TEAM, TINY, USER
 
 
@@ -157,3 +157,13 @@ def test_empty_validation_is_refused(settings, dataset_path: Path, tmp_path: Pat
     empty.save_to_disk(str(tmp_path / "ds"), num_shards={"train": 1, "validation": 1})
     with pytest.raises(DoppelError, match="no validation samples"):
         train_user(settings, TEAM, USER, tmp_path / "ds", TrainConfig())
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path: Path) -> None:
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"half")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert last_complete_checkpoint(tmp_path / "absent") is None

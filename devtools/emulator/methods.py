@@ -199,6 +199,31 @@ def chat_update(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
     return {"channel": conversation.id, "ts": message["ts"], "text": text, "message": message}
 
 
+@slack_method("chat.delete")
+def chat_delete(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
+    """A bot token deletes only the app's own messages, as on Slack."""
+    conversation = emulator.readable(params, who)
+    message = conversation.by_ts.get(params.get("ts") or "")
+    if message is None:
+        raise SlackError("message_not_found")
+    if who.bot_id and message.get("bot_id") != who.bot_id:
+        raise SlackError("cant_delete_message")
+    conversation.remove(message)
+    return {"channel": conversation.id, "ts": message["ts"]}
+
+
+@slack_method("chat.postEphemeral")
+def chat_post_ephemeral(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
+    """A message only `user` sees. Slack keeps no copy, so neither does the emulator: the
+    request log holds it."""
+    conversation = emulator.readable(params, who)
+    if emulator.user(params.get("user")) is None:
+        raise SlackError("user_not_found")
+    if not params.get("text") and not _blocks(params):
+        raise SlackError("no_text")
+    return {"channel": conversation.id, "message_ts": emulator.next_ts()}
+
+
 @slack_method("oauth.v2.access")
 def oauth_v2_access(emulator: Emulator, params: Params, who: Identity) -> SlackDict:
     """Exchange a consent-screen code for a bot token (and a user token if asked for)."""

@@ -157,6 +157,16 @@ class Conversation:
         if parent_ts is not None:
             insort(self.threads.setdefault(parent_ts, []), message, key=message_key)
 
+    def remove(self, message: SlackDict) -> None:
+        """Take a message out of every index, as `chat.delete` does."""
+        del self.by_ts[message["ts"]]
+        if message in self.timeline:
+            self.timeline.remove(message)
+        parent_ts = _parent_ts(message)
+        if parent_ts is not None:
+            self.threads[parent_ts].remove(message)
+            self.refresh_parent(parent_ts)
+
     def refresh_parent(self, parent_ts: str) -> None:
         """Keep a parent's thread summary in step with its replies, as Slack does."""
         parent = self.by_ts.get(parent_ts)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from doppel.cli import consent, data, db, dev, ingest, models, serve  # noqa: F401  (registers)
+# Importing a command group's module registers its commands on `app`.
+from doppel.cli import consent, data, db, dev, ingest, models, secrets, serve  # noqa: F401
 from doppel.cli.common import app
 from doppel.errors import DoppelError
 from doppel.progress import console

@@ -7,11 +7,15 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from doppel.cli.common import JsonFlag, WorkspaceOption, app, emit
 from doppel.config import get_settings
+from doppel.errors import DoppelError
 from doppel.progress import console
 from doppel.store.database import database
+from doppel.store.lookup import Person, find_person
+from doppel.store.models import Workspace
 
 consent_app = typer.Typer(
     no_args_is_help=True,
@@ -26,43 +30,71 @@ def _operator() -> str:
     return f"cli:{getpass.getuser()}"
 
 
+Users = Annotated[
+    list[str], typer.Argument(help="User ids, names, display or real names (one or more).")
+]
+
+
+def _find_people(
+    session: Session, users: list[str], workspace: str | None
+) -> list[tuple[Workspace, Person]]:
+    """Every person named, each resolved as `find_person` does, before anything changes:
+    one unknown name fails them all. A person named twice counts once."""
+    found = [find_person(session, user, workspace) for user in users]
+    return list({person.id: (ws, person) for ws, person in found}.values())
+
+
 @consent_app.command("grant")
 def consent_grant(
-    user: Annotated[str, typer.Argument(help="User id, name, display or real name.")],
-    workspace: WorkspaceOption = None,
+    users: Users, workspace: WorkspaceOption = None, as_json: JsonFlag = False
 ) -> None:
-    """Record that USER agreed to be trained and impersonated."""
+    """Record that USERS agreed to be trained and impersonated."""
     from doppel.consent import grant
-    from doppel.store.lookup import find_person
 
+    results = []
     with database(get_settings().db_url).transaction() as session:
-        ws, person = find_person(session, user, workspace)
-        new = grant(session, ws.id, person.id, _operator())
-    state = "now consents" if new else "had already consented"
-    console.print(f"{person.label} ({person.id}) of {ws.id} {state}")
+        for ws, person in _find_people(session, users, workspace):
+            new = grant(session, ws.id, person.id, _operator())
+            state = "now consents" if new else "had already consented"
+            console.print(f"{person.label} ({person.id}) of {ws.id} {state}")
+            results.append(
+                {"workspace_id": ws.id, "user_id": person.id, "name": person.label, "new": new}
+            )
+    emit(results, as_json)
 
 
 @consent_app.command("revoke")
 def consent_revoke(
-    user: Annotated[str, typer.Argument(help="User id, name, display or real name.")],
-    workspace: WorkspaceOption = None,
-    as_json: JsonFlag = False,
+    users: Users, workspace: WorkspaceOption = None, as_json: JsonFlag = False
 ) -> None:
-    """Withdraw USER's consent and delete their datasets, adapters and registry versions."""
+    """Withdraw USERS' consent, cancel their trainings and delete their datasets, adapters,
+    MLflow runs and registry versions. Running it again finishes a deletion that failed."""
     from dataclasses import asdict
+    from functools import partial
 
     from doppel.consent import revoke
-    from doppel.store.lookup import find_person
+    from serving.slack.training import cancel_trainings
 
     settings = get_settings()
     db = database(settings.db_url)
     with db.session() as session:
-        ws, person = find_person(session, user, workspace)
-    deletion = revoke(settings, db, ws.id, person.id, _operator())
-    console.print(f"{person.label} ({person.id}) of {ws.id} no longer consents. Deleted:")
-    for line in deletion.lines():
-        console.print(f"  {line}")
-    emit(asdict(deletion), as_json)
+        found = _find_people(session, users, workspace)
+    deletions = []
+    for ws, person in found:
+        stop_trainings = partial(cancel_trainings, settings, db, ws.id, person.id)
+        deletion = revoke(settings, db, ws.id, person.id, _operator(), stop_trainings)
+        console.print(f"{person.label} ({person.id}) of {ws.id} no longer consents. Deleted:")
+        for line in deletion.lines():  # error texts may hold [brackets]: not markup
+            console.print(f"  {line}", markup=False)
+        deletions.append(deletion)
+    emit([asdict(deletion) for deletion in deletions], as_json)
+    unfinished = [d.user_id for d in deletions if not d.complete]
+    if unfinished:
+        raise DoppelError(
+            f"consent is withdrawn, but not everything of {', '.join(unfinished)} could be "
+            "deleted (the NOT deleted lines above say what and why)",
+            "fix that, then run the same command again: it finishes the deletion",
+        )
 
 
 @consent_app.command("list")

@@ -40,6 +40,7 @@ def ingest_export(
             workspace=workspace,
             include_private=include_private,
             max_bytes=settings.export.max_unzipped_mb * 2**20,
+            limits=settings.export,
         )
     console.print(
         f"workspace {result['workspace']}: {result['channels']} channels, {result['users']} "

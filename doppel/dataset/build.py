@@ -19,8 +19,16 @@ from sqlalchemy.orm import Session
 from doppel.config import DatasetSettings, Settings
 from doppel.consent import opted_out_users
 from doppel.dataset.clean import TextCleaner
-from doppel.dataset.conversations import Conversation, Segmentation, StoredMessage, segment
-from doppel.dataset.samples import Sample, SampleRules, split_samples, user_samples
+from doppel.dataset.conversations import (
+    Conversation,
+    Segmentation,
+    StoredMessage,
+    Turn,
+    gc_paused,
+    segment,
+)
+from doppel.dataset.samples import Sample, SampleRules, split_samples, trim_context, user_samples
+from doppel.dataset.scrub import Scrubber
 from doppel.errors import DoppelError
 from doppel.store.database import database
 from doppel.store.lookup import Person, channel_names, people, resolve_user, resolve_workspace
@@ -126,7 +134,8 @@ def build_user_dataset(
 ) -> BuiltDataset:
     """Build, split and save one user's samples; refuse with counts when there are none."""
     rules = SampleRules.from_settings(settings)
-    built = user_samples(loaded.by_author().get(person.id, []), person.id, rules)
+    conversations = loaded.by_author().get(person.id, [])
+    built = user_samples(conversations, person.id, rules)
     counts = built.counts
     if not built.samples:
         raise DoppelError(
@@ -136,8 +145,10 @@ def build_user_dataset(
             f"else, {counts['duplicate']} duplicates",
             "lower --min-chars, or pick a more active user ('doppel users' shows who has samples)",
         )
+    scrubber = Scrubber.for_rules(rules)
+    samples = _scrubbed(built.samples, conversations, rules, scrubber)
     train, validation = split_samples(
-        built.samples, settings.validation_fraction, salt=loaded.workspace.id
+        samples, settings.validation_fraction, salt=loaded.workspace.id
     )
     stats = {
         "workspace_id": loaded.workspace.id,
@@ -149,6 +160,7 @@ def build_user_dataset(
         "turns": counts["turns"],
         "dropped_turns": {k: v for k, v in counts.items() if k not in {"turns", "samples"}},
         "dropped_workspace_messages": dict(sorted(loaded.segmentation.dropped.items())),
+        "scrubbed": dict(sorted(scrubber.replaced.items())),  # placeholders written, by kind
         "settings": {**asdict(rules), "gap_minutes": settings.gap_minutes},
         "system_prompt": settings.system_prompt,
     }
@@ -162,6 +174,41 @@ def build_user_dataset(
         out,
     )
     return BuiltDataset(out, person.id, person.label, len(train), len(validation), stats)
+
+
+def _scrubbed(
+    samples: list[Sample], conversations: list[Conversation], rules: SampleRules, scrub: Scrubber
+) -> list[Sample]:
+    """The samples with secrets and personal data replaced in every text they hold.
+
+    Only the turns samples use are scrubbed, each once however many samples share it. Each
+    context is trimmed again from the scrubbed turns: a context's oldest turn may have
+    been cut to fit, and a cut through a secret would leave its tail unrecognised. (The
+    garbage collector is paused, as in `segment`: many small acyclic objects.)
+    """
+    clean: dict[int, Turn] = {}
+
+    def scrubbed(turn: Turn) -> Turn:
+        if id(turn) not in clean:
+            text = scrub(turn.text)
+            clean[id(turn)] = turn if text is turn.text else Turn(turn.author, text, turn.ts)
+        return clean[id(turn)]
+
+    result = []
+    with gc_paused():
+        turns_of = {c.id: c.turns for c in conversations}
+        position = {
+            id(turn): i
+            for conversation_id in {sample.conversation_id for sample in samples}
+            for i, turn in enumerate(turns_of[conversation_id])
+        }
+        for sample in samples:
+            turns, index = turns_of[sample.conversation_id], position[id(sample.reply)]
+            window = turns[max(0, index - rules.max_context_turns) : index]
+            context = trim_context([scrubbed(turn) for turn in window], rules)
+            reply = scrubbed(sample.reply)
+            result.append(Sample(context, reply, sample.conversation_id, sample.channel_id))
+    return result
 
 
 def _to_dataset(

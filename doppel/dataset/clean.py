@@ -2,6 +2,12 @@
 
 Slack stores `<@U1>` mentions, `<#C1|eng>` channel links, `<url|label>` links and
 `<!here>` broadcasts, and escapes `& < >`. A model should see what people saw.
+
+Chat-template control strings typed in Slack (`<|im_end|>`, `<|eot_id|>`, any `<|…|>`,
+and DeepSeek's, whose bars are fullwidth) are neutralised: a zero-width space goes between
+the `<` and the bar. People still read what was typed, but no tokenizer sees a control
+token, so a message can neither end a turn in training nor forge one in a live prompt.
+This runs after unescaping, because Slack stores `<|im_end|>` as `&lt;|im_end|&gt;`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from collections.abc import Mapping
 
 MARKUP = re.compile(r"<([^<>\n]*)>")
 ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&amp;", "&"))
+CONTROL_TOKEN = re.compile(r"<(?=[|\uff5c])")  # the "<" before a bar, plain or fullwidth
+ZERO_WIDTH_SPACE = "\u200b"
 
 # Subtypes that are a person talking; everything else (joins, leaves, topic/purpose/name
 # changes, archives, pins, bot posts, file comments, ...) is dropped from datasets.
@@ -30,6 +38,8 @@ class TextCleaner:
         if "&" in text:
             for entity, char in ENTITIES:
                 text = text.replace(entity, char)
+        if "<" in text:
+            text = CONTROL_TOKEN.sub("<" + ZERO_WIDTH_SPACE, text)
         return text.strip()
 
     def _render(self, match: re.Match[str]) -> str:

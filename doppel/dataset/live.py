@@ -1,10 +1,12 @@
 """A live Slack conversation to the chat a persona's model answers.
 
 This is the training path, unchanged: the same cleaning (`TextCleaner`), the same
-filtering and turn merging (`segment`), the same trimming (`trim_context`) and the same
-rendering (`render_chat`). So a thread seen live is exactly what a training sample's
-context would have been. The system message is left out: the model API adds the
-persona's own.
+filtering and turn merging (`segment`), the same scrubbing of secrets and personal data
+(`Scrubber`), the same trimming (`trim_context`) and the same rendering (`render_chat`).
+So a thread seen live is exactly what a training sample's context would have been. The
+scrubbing matters twice here: a key pasted in the thread never reaches the model API, so
+the persona cannot repeat it in its reply, and the model sees `[AWS_KEY]` where it learned
+to. The system message is left out: the model API adds the persona's own.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from decimal import Decimal
 from typing import Any
 
 from doppel.dataset.clean import TextCleaner
-from doppel.dataset.conversations import StoredMessage, segment
+from doppel.dataset.conversations import StoredMessage, Turn, segment
 from doppel.dataset.samples import SampleRules, render_chat, trim_context
+from doppel.dataset.scrub import Scrubber
 from doppel.errors import DoppelError
 from doppel.types import ChatMessage
 
@@ -56,7 +59,9 @@ def thread_prompt(
     if not conversations:
         raise DoppelError("there is nothing to reply to here", "mention the bot under a message")
     latest = max(conversations, key=lambda c: Decimal(c.turns[-1].ts))
-    chat = render_chat("", trim_context(latest.turns, rules), persona, names)[1:]
+    scrub = Scrubber.for_rules(rules)
+    turns = [Turn(t.author, scrub(t.text), t.ts) for t in latest.turns[-rules.max_context_turns :]]
+    chat = render_chat("", trim_context(turns, rules), persona, names)[1:]
     if not chat or chat[-1]["role"] != "user":
         raise DoppelError(
             "there is nothing to reply to: the last message here is the persona's own",

@@ -23,11 +23,22 @@ class SampleRules:
     min_chars: int = 100
     max_context_chars: int = 3000
     max_context_turns: int = 12
+    scrub_emails: bool = True  # secrets are always scrubbed (`doppel.dataset.scrub`)
+    scrub_phones: bool = True
+    phone_region: str = "US"
 
     @classmethod
     def from_settings(cls, settings: DatasetSettings) -> SampleRules:
-        """The rules of `dataset:` settings, so training and live replies trim alike."""
-        return cls(settings.min_chars, settings.max_context_chars, settings.max_context_turns)
+        """The rules of `dataset:` settings, so training and live replies trim and scrub
+        alike."""
+        return cls(
+            min_chars=settings.min_chars,
+            max_context_chars=settings.max_context_chars,
+            max_context_turns=settings.max_context_turns,
+            scrub_emails=settings.scrub_emails,
+            scrub_phones=settings.scrub_phones,
+            phone_region=settings.phone_region,
+        )
 
 
 @dataclass

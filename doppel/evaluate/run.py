@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,14 @@ def evaluate_version(
     user_id: str,
     version: str | None = None,
     gate: bool = True,
+    recheck: Callable[[], None] | None = None,
 ) -> Evaluation:
-    """Score `version` (default: the challenger) and, with `gate`, promote it if it is better."""
+    """Score `version` (default: the challenger) and, with `gate`, promote it if it is better.
+
+    `recheck` (the flows pass `doppel.consent.stop_if_withdrawn` for this person) runs
+    before the gate and after it: when the person opted out meanwhile, it deletes what was
+    made of them, the replies this evaluation logged included, and raises."""
+    check = recheck or (lambda: None)
     registry = Registry(settings)
     name = model_name(workspace_id, user_id)
     candidate = registry.version(name, version or _challenger(registry, name))
@@ -73,11 +80,13 @@ def evaluate_version(
 
     decision = decide(metrics, production.version if production else None, config.gate)
     _log(run_id, metrics, examples)
+    check()  # before the gate: an opt-out during evaluation promotes nothing
     if gate:
         if decision.promote:
             registry.promote(name, candidate.version, decision.reason)
         else:
             registry.record_decision(name, candidate.version, "rejected", decision.reason)
+        check()  # after it too: a revoke that raced with the promotion is finished here
     return Evaluation(name, str(candidate.version), metrics, decision, examples)
 
 

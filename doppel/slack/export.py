@@ -4,17 +4,37 @@ An export holds `channels.json`, usually `users.json`, optionally `groups.json`,
 `dms.json` and `mpims.json`, and one folder per conversation with one JSON file per
 day. Everything is read and validated in memory before anything is stored, so a bad
 file never leaves a half-imported workspace behind.
+
+Exports come from outside, so nothing in one is trusted: each file's size (and in a ZIP,
+its compression ratio) is checked before it is read, its nesting depth before it is
+parsed, and every field the store uses is type-checked after (`ExportMessage` and its
+siblings). A broken or hostile export ends in one line naming the file and the entry,
+never in a traceback, a row the store cannot hold, or an exhausted machine.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
+
+from doppel.config import ExportSettings
 from doppel.errors import DoppelError
 from doppel.types import SlackDict
 
@@ -24,6 +44,103 @@ PRIVATE_INDEXES = {
     "mpims.json": ({"is_mpim": True, "is_private": True}, "name"),
     "dms.json": ({"is_im": True, "is_private": True}, "id"),
 }
+RETRY_HINT = "re-download the export, or fix or remove that file"
+# What zipfile raises for a damaged, truncated, encrypted or oddly compressed archive.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    ValueError,
+    OSError,
+)
+
+# -- The fields the store uses, typed as the store holds them ---------------------------
+
+TS_PATTERN = r"^[0-9]+\.[0-9]+$"  # "1704103200.000100": Slack's timestamps, which are ids
+# No NUL: PostgreSQL text cannot hold one. (Any constrained str also refuses an unpaired
+# surrogate, which no database can encode.)
+PLAIN_PATTERN = r"^[^\x00]*$"
+SlackTs = Annotated[str, StringConstraints(pattern=TS_PATTERN, max_length=32)]
+SlackId = Annotated[str, StringConstraints(pattern=PLAIN_PATTERN, max_length=32)]
+PrimaryId = Annotated[SlackId, StringConstraints(min_length=1)]  # a channel's or user's own id
+Name = Annotated[str, StringConstraints(pattern=PLAIN_PATTERN, max_length=255)]
+Text = Annotated[str, StringConstraints(pattern=PLAIN_PATTERN)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # an SQL INTEGER
+
+
+class SlackObject(BaseModel):
+    """The fields we use are type-checked, strictly; Slack's many others pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class Profile(SlackObject):
+    name: Name | None = None
+    real_name: Name | None = None
+    display_name: Name | None = None
+    image_72: Text | None = None
+    image_192: Text | None = None
+
+
+class Edited(SlackObject):
+    ts: SlackTs | None = None
+
+
+class ExportMessage(SlackObject):
+    ts: SlackTs
+    thread_ts: SlackTs | None = None
+    latest_reply: SlackTs | None = None
+    user: SlackId | None = None
+    bot_id: SlackId | None = None
+    subtype: Annotated[Name, StringConstraints(max_length=64)] | None = None
+    text: Text | None = None
+    edited: Edited | None = None
+    files: list[dict[str, Any]] | None = None
+    replies: list[dict[str, Any]] | None = None
+    reply_count: Count | None = None
+    user_profile: Profile | None = None
+    team: SlackId | None = None
+    user_team: SlackId | None = None
+
+
+class Topic(SlackObject):
+    value: Text | None = None
+
+
+def _topic_object(value: Any) -> Any:
+    """Older exports give a topic or purpose as a bare string."""
+    return {"value": value} if isinstance(value, str) else value
+
+
+class ExportChannel(SlackObject):
+    id: PrimaryId
+    name: Name | None = None
+    user: SlackId | None = None  # a DM's other person
+    members: list[SlackId] | None = None
+    topic: Annotated[Topic | None, BeforeValidator(_topic_object)] = None
+    purpose: Annotated[Topic | None, BeforeValidator(_topic_object)] = None
+    is_archived: bool | None = None
+    is_private: bool | None = None
+    is_group: bool | None = None
+    is_im: bool | None = None
+    is_mpim: bool | None = None
+
+
+class ExportUser(SlackObject):
+    id: PrimaryId
+    team_id: SlackId | None = None
+    name: Name | None = None
+    real_name: Name | None = None
+    profile: Profile | None = None
+    is_bot: bool | None = None
+    deleted: bool | None = None
+
+
+MESSAGES = TypeAdapter(list[ExportMessage])
+CHANNELS = TypeAdapter(list[ExportChannel])
+USERS = TypeAdapter(list[ExportUser])
 
 
 @dataclass
@@ -40,17 +157,22 @@ class SlackExport:
 
 
 class _Files:
-    """Uniform read access to the files of a ZIP or a folder, below the export's root."""
+    """Uniform, bounded read access to the files of a ZIP or a folder, below the export's
+    root."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, limits: ExportSettings) -> None:
         self.path = path
+        self.limits = limits
         self.zip: zipfile.ZipFile | None = None
         if path.is_dir():
             self.names = {
                 p.relative_to(path).as_posix() for p in path.rglob("*.json") if p.is_file()
             }
         elif path.is_file() and zipfile.is_zipfile(path):
-            self.zip = zipfile.ZipFile(path)
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except ZIP_ERRORS as error:
+                raise DoppelError(f"{path} is not a readable ZIP: {error}", RETRY_HINT) from None
             self._check_zip(max_bytes)
             self.names = {info.filename for info in self.zip.infolist() if not info.is_dir()}
         elif not path.exists():
@@ -64,14 +186,25 @@ class _Files:
         self.folders = self._index_day_files()
 
     def _check_zip(self, max_bytes: int) -> None:
+        """Refuse, before reading anything, unsafe paths, zip bombs and oversized exports."""
         assert self.zip is not None
         total = 0
         for info in self.zip.infolist():
+            name = _printable(info.filename)
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename:
+            unsafe = info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename
+            if unsafe or not info.filename:
                 raise DoppelError(
-                    f"{self.path} contains an unsafe path '{info.filename}' (path traversal)",
+                    f"{self.path} contains an unsafe path {name} (path traversal)",
                     "only import exports downloaded from Slack",
+                )
+            ratio = info.file_size / max(info.compress_size, 1)
+            if ratio > self.limits.max_compression_ratio:
+                raise DoppelError(
+                    f"{self.path}: {name} unpacks {ratio:.0f} times its packed size, over "
+                    f"the limit of {self.limits.max_compression_ratio:g} (a zip bomb?)",
+                    "raise export.max_compression_ratio (DOPPEL_EXPORT__MAX_COMPRESSION_RATIO) "
+                    "if it is genuine",
                 )
             total += info.file_size
         if total > max_bytes:
@@ -88,9 +221,10 @@ class _Files:
             key=len,
         )
         if not candidates:
-            found = ", ".join(sorted(self.names)[:5]) or "no JSON files"
+            found = ", ".join(_printable(name) for name in sorted(self.names)[:5])
             raise DoppelError(
-                f"{self.path} is not a Slack export: it has no channels.json (found: {found})",
+                f"{self.path} is not a Slack export: it has no channels.json "
+                f"(found: {found or 'no JSON files'})",
                 "pass the ZIP from Slack's export page, or the folder it unpacks to",
             )
         parent = str(PurePosixPath(candidates[0]).parent)
@@ -113,25 +247,51 @@ class _Files:
         return self.folders.get(folder, [])
 
     def load(self, name: str) -> Any:
-        try:
-            if self.zip is not None:
-                raw = self.zip.read(self.root + name)
-            else:
-                raw = (self.path / self.root / name).read_bytes()
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        """One file's JSON, refused before reading when too big and before parsing when
+        nested too deep."""
+        raw = self._read(name, self.limits.max_file_mb * 2**20)
+        if _too_deep(raw, self.limits.max_json_depth):
             raise DoppelError(
-                f"malformed JSON in export file '{name}': {error}",
-                "re-download the export or remove that file",
+                f"{_printable(name)} nests lists or objects more than "
+                f"{self.limits.max_json_depth} deep",
+                "raise export.max_json_depth (DOPPEL_EXPORT__MAX_JSON_DEPTH) if it is genuine",
+            )
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError
+            raise DoppelError(
+                f"malformed JSON in export file {_printable(name)}: {error}", RETRY_HINT
             ) from None
 
-    def load_list(self, name: str) -> list[SlackDict]:
-        data = self.load(name)
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+    def _read(self, name: str, max_file_bytes: int) -> bytes:
+        if self.zip is None:
+            file = self.path / self.root / name
+            self._check_size(name, file.stat().st_size, max_file_bytes)
+            return file.read_bytes()
+        info = self.zip.getinfo(self.root + name)
+        # The size the ZIP declares is also the most zipfile reads, whatever the data holds.
+        self._check_size(name, info.file_size, max_file_bytes)
+        try:
+            return self.zip.read(info)
+        except ZIP_ERRORS as error:
+            raise DoppelError(f"cannot unpack {_printable(name)}: {error}", RETRY_HINT) from None
+
+    @staticmethod
+    def _check_size(name: str, size: int, max_file_bytes: int) -> None:
+        if size > max_file_bytes:
             raise DoppelError(
-                f"malformed export file '{name}': expected a JSON list of objects",
-                "re-download the export or remove that file",
+                f"{_printable(name)} is {size / 2**20:.1f} MiB, over the limit of "
+                f"{max_file_bytes // 2**20} MiB per file",
+                "raise export.max_file_mb (DOPPEL_EXPORT__MAX_FILE_MB) if it is genuine",
             )
+
+    def load_list(self, name: str, schema: TypeAdapter[Any], entry: str) -> list[SlackDict]:
+        """A JSON list of objects, checked against `schema`; the objects as they were."""
+        data = self.load(name)
+        try:
+            schema.validate_python(data)
+        except ValidationError as error:
+            raise _invalid(name, entry, error) from None
         return data
 
     def close(self) -> None:
@@ -139,9 +299,22 @@ class _Files:
             self.zip.close()
 
 
-def read_export(path: Path, *, include_private: bool = False, max_bytes: int) -> SlackExport:
-    """Read an export; private channels, DMs and group DMs only when asked."""
-    files = _Files(Path(path), max_bytes)
+def read_export(
+    path: Path,
+    *,
+    include_private: bool = False,
+    max_bytes: int | None = None,
+    limits: ExportSettings | None = None,
+) -> SlackExport:
+    """Read an export; private channels, DMs and group DMs only when asked.
+
+    `limits` are the `export:` settings; `max_bytes`, when given, caps the unpacked export
+    in place of their `max_unzipped_mb`.
+    """
+    limits = limits or ExportSettings()
+    if max_bytes is None:
+        max_bytes = limits.max_unzipped_mb * 2**20
+    files = _Files(Path(path), max_bytes, limits)
     try:
         channels = _read_channels(files, include_private)
         messages = {
@@ -149,11 +322,12 @@ def read_export(path: Path, *, include_private: bool = False, max_bytes: int) ->
         }
         for channel in channels:
             del channel["_folder"]
-        users = files.load_list("users.json") if files.has("users.json") else None
+        users = files.load_list("users.json", USERS, "user") if files.has("users.json") else None
     finally:
         files.close()
     if users is None:
         users = _users_from_messages(messages)
+    _refuse_duplicates("users.json", "user", [user["id"] for user in users])
     return SlackExport(
         workspace_id=_workspace_id(users, messages),
         channels=channels,
@@ -163,32 +337,27 @@ def read_export(path: Path, *, include_private: bool = False, max_bytes: int) ->
 
 
 def _read_channels(files: _Files, include_private: bool) -> list[SlackDict]:
-    channels = [
-        dict(channel, _folder=channel.get("name")) for channel in files.load_list("channels.json")
-    ]
+    indexes: dict[str, tuple[dict[str, bool], str]] = {"channels.json": ({}, "name")}
     if include_private:
-        for index, (flags, folder_key) in PRIVATE_INDEXES.items():
-            if files.has(index):
-                for channel in files.load_list(index):
-                    channels.append(dict(channel, **flags, _folder=channel.get(folder_key)))
-    for position, channel in enumerate(channels):
-        if not channel.get("id") or not channel.get("_folder"):
-            raise DoppelError(
-                f"malformed channel entry #{position} in the export: it needs an id and a name",
-                "re-download the export",
-            )
+        indexes |= {name: index for name, index in PRIVATE_INDEXES.items() if files.has(name)}
+    channels = []
+    for index, (flags, folder_key) in indexes.items():
+        for position, channel in enumerate(files.load_list(index, CHANNELS, "channel"), 1):
+            if not channel.get(folder_key):
+                raise DoppelError(
+                    f"{index}, channel {position}: {folder_key} is missing, and it names the "
+                    "channel's folder",
+                    RETRY_HINT,
+                )
+            channels.append(dict(channel, **flags, _folder=channel[folder_key]))
+    _refuse_duplicates("the export", "channel", [channel["id"] for channel in channels])
     return channels
 
 
 def _read_messages(files: _Files, folder: str) -> list[SlackDict]:
     by_ts: dict[str, SlackDict] = {}
     for name in files.day_files(folder):
-        for position, message in enumerate(files.load_list(name)):
-            if not isinstance(message.get("ts"), str):
-                raise DoppelError(
-                    f"malformed export file '{name}': message #{position} has no 'ts'",
-                    "re-download the export or remove that file",
-                )
+        for message in files.load_list(name, MESSAGES, "message"):
             by_ts[message["ts"]] = message
     return rebuild_threads(sorted(by_ts.values(), key=lambda message: message["ts"]))
 
@@ -239,3 +408,109 @@ def _workspace_id(users: list[SlackDict], messages: dict[str, list[SlackDict]]) 
             if message.get("team")
         )
     return teams.most_common(1)[0][0] if teams else None
+
+
+# -- Errors that name the file, the entry and the field ---------------------------------
+
+EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _invalid(name: str, entry: str, error: ValidationError) -> DoppelError:
+    """The first problem, as `general/2024-01-01.json, message 3: ts "x" is not a Slack
+    timestamp`. Values are shown only where they cannot be message content."""
+    first = error.errors(include_url=False)[0]
+    where = _printable(name)
+    if not first["loc"]:
+        found = _json_type(first["input"])
+        return DoppelError(f"{where}: expected a JSON list of {entry}s, found {found}", RETRY_HINT)
+    position, *path = first["loc"]
+    where = f"{where}, {entry} {int(position) + 1}"
+    if path:  # `files[0].name`: fields by name, list items by their JSON index
+        where += ": " + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)[1:]
+    return DoppelError(f"{where} {_problem(first)}", RETRY_HINT)
+
+
+def _problem(error: ErrorDetails) -> str:
+    kind, value, context = error["type"], error["input"], error.get("ctx") or {}
+    if kind == "missing":
+        return "is missing"
+    if kind == "string_pattern_mismatch" and context.get("pattern") == TS_PATTERN:
+        return f"{_shown(value)} is not a Slack timestamp"
+    if kind == "string_pattern_mismatch":
+        return "contains a NUL character"
+    if kind == "string_unicode":
+        return "holds an unpaired surrogate, which no database can store"
+    if kind == "string_too_long":
+        return f"is longer than {context['max_length']} characters"
+    if kind == "string_too_short":
+        return "is empty"
+    if kind in {"greater_than_equal", "less_than_equal"}:
+        return f"{_shown(value)} is out of range"
+    if kind in EXPECTED:
+        return f"is {_json_type(value)}, expected {EXPECTED[kind]}"
+    return error["msg"]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    for kind, label in ((dict, "an object"), (list, "a list"), (str, "a string")):
+        if isinstance(value, kind):
+            return label
+    return "a number"
+
+
+def _shown(value: Any) -> str:
+    """A short JSON rendering of a bad timestamp or count, for the error line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _printable(name: str) -> str:
+    """A file name fit for a one-line error, whatever characters it holds."""
+    return name if name.isprintable() else ascii(name)
+
+
+def _refuse_duplicates(source: str, entry: str, ids: list[str]) -> None:
+    """Slack never lists one id twice, and one upsert could not store both."""
+    twice = [item for item, count in Counter(ids).items() if count > 1]
+    if twice:
+        raise DoppelError(f"{source} lists {entry} {_printable(twice[0])} twice", RETRY_HINT)
+
+
+# -- Nesting depth, before parsing ------------------------------------------------------
+
+NOT_STRUCTURE = bytes(set(range(256)) - set(b'[]{}"'))  # all but quotes and brackets
+JSON_STRING = re.compile(rb'"[^"]*"')
+INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def _too_deep(raw: bytes, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` deep, found without parsing.
+
+    Python's json has no depth limit: a few MB of `[[[[` exhaust its recursion. Escaped
+    backslashes and quotes go first, then every byte but quotes and brackets, then the
+    strings; that leaves the brackets. Each pass then removes the innermost pairs: what is
+    left after `limit` passes nests deeper. Malformed JSON is left to the parser.
+    """
+    skeleton = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, NOT_STRUCTURE)
+    # Two adjacent quotes close one string and open the next, or hold nothing: either way
+    # dropping them keeps what is in strings in strings, and most strings go at C speed.
+    brackets = JSON_STRING.sub(b"", skeleton.replace(b'""', b""))
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets, removed = INNERMOST.subn(b"", brackets)
+        if not removed:
+            return False  # unbalanced: json.loads says where
+    return bool(brackets) and INNERMOST.search(brackets) is not None

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from doppel.errors import DoppelError
+from doppel.redact import redact
 from doppel.store.models import Base, Channel, Message, User
 
 UPSERT_CHUNK = 500
@@ -56,7 +57,7 @@ def reachable(engine: Engine) -> Iterator[None]:
     except OperationalError as error:
         raise DoppelError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: "
-            f"{error.orig}",
+            f"{redact(str(error.orig))}",
             "check DATABASE_URL and that the server is running",
         ) from None
 

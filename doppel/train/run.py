@@ -2,7 +2,8 @@
 
 Read top to bottom: check the inputs, open (or resume) the MLflow run, log the config,
 code and data, train, log the adapter and the curves, register the version. Nothing is
-registered unless training finished; a killed run resumes from its last checkpoint.
+registered unless training finished; a killed run resumes from its last checkpoint, unless
+the person opted out meanwhile: then nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -84,7 +85,13 @@ def train_user(
     user_id: str,
     dataset_path: Path,
     config: TrainConfig,
+    recheck: Callable[[], None] | None = None,
 ) -> TrainedVersion:
+    """Train, log and register. `recheck` (the flows pass `doppel.consent.stop_if_withdrawn`
+    for this person; training cannot import consent, its sibling layer) runs when training
+    stops early, before registering and after: when the person opted out meanwhile, it
+    deletes what was made, this run included, and raises."""
+    check = recheck or (lambda: None)
     dataset = load_user_dataset(dataset_path, user_id, config.min_train_samples)
     registry = Registry(settings)  # fail now, not after an hour of training
     base_path = resolve_base_model(config.base_model, settings.models_dir)
@@ -94,38 +101,46 @@ def train_user(
     run_id_file = output_dir / RUN_ID_FILE
     previous_run = run_id_file.read_text().strip() if run_id_file.exists() else None
 
-    with mlflow.start_run(
-        run_id=previous_run,
-        experiment_id=None if previous_run else registry.experiment_id(workspace_id),
-        run_name=None if previous_run else f"{user_id}-{digest[:8]}",
-    ) as run:
-        run_id_file.write_text(run.info.run_id)
-        if previous_run is None:
-            _log_inputs(dataset, dataset_path, config, base_path, workspace_id, user_id, digest)
-        with _sigterm_as_interrupt():
-            try:
-                result = train_adapter(
-                    dataset, config, base_path, output_dir, callbacks=[MlflowMetrics()]
-                )
-            except KeyboardInterrupt:
-                mlflow.end_run(status="KILLED")
-                raise DoppelError(
-                    "training was interrupted; no version was registered",
-                    "run the same command again: it resumes from the last checkpoint",
-                ) from None
-        system_prompt = dataset["train"][0]["messages"][0]["content"]
-        PersonaCard(workspace_id, user_id, system_prompt, config.base_model).write(
-            result.adapter_dir
-        )
-        mlflow.log_artifacts(str(result.adapter_dir), "adapter")
-        mlflow.log_figure(_loss_figure(result), "loss_curves.png")
-        mlflow.log_metrics({"train_tokens": result.train_tokens, "steps": result.steps})
+    try:
+        with mlflow.start_run(
+            run_id=previous_run,
+            experiment_id=None if previous_run else registry.experiment_id(workspace_id),
+            run_name=None if previous_run else f"{user_id}-{digest[:8]}",
+            # Tagged from its first moment, so that an opt-out finds it whenever it comes.
+            tags={"workspace_id": workspace_id, "user_id": user_id},
+        ) as run:
+            run_id_file.write_text(run.info.run_id)
+            if previous_run is None:
+                _log_inputs(dataset, dataset_path, config, base_path, user_id, digest)
+            with _sigterm_as_interrupt():
+                try:
+                    result = train_adapter(
+                        dataset, config, base_path, output_dir, callbacks=[MlflowMetrics()]
+                    )
+                except KeyboardInterrupt:
+                    mlflow.end_run(status="KILLED")
+                    raise DoppelError(
+                        "training was interrupted; no version was registered",
+                        "run the same command again: it resumes from the last checkpoint",
+                    ) from None
+            system_prompt = dataset["train"][0]["messages"][0]["content"]
+            PersonaCard(workspace_id, user_id, system_prompt, config.base_model).write(
+                result.adapter_dir
+            )
+            mlflow.log_artifacts(str(result.adapter_dir), "adapter")
+            mlflow.log_figure(_loss_figure(result), "loss_curves.png")
+            mlflow.log_metrics({"train_tokens": result.train_tokens, "steps": result.steps})
+    except BaseException:
+        check()  # an opt-out while it ran leaves nothing, even of a killed or failed run
+        raise
+    check()  # before registering: an opt-out during training gets no version
     version = registry.register(
         workspace_id,
         user_id,
         run.info.run_id,
         tags={"dataset_digest": digest, "train_samples": str(len(dataset["train"]))},
     )
+    check()  # after registering too: a revoke that raced with it is finished here
     run_id_file.unlink()  # finished: a later identical request trains afresh
     return TrainedVersion(
         model_name(workspace_id, user_id),
@@ -163,7 +178,6 @@ def _log_inputs(
     dataset_path: Path,
     config: TrainConfig,
     base_path: str,
-    workspace_id: str,
     user_id: str,
     digest: str,
 ) -> None:
@@ -177,8 +191,6 @@ def _log_inputs(
     )
     mlflow.set_tags(
         {
-            "workspace_id": workspace_id,
-            "user_id": user_id,
             "base_model": config.base_model,
             "base_model_path": base_path,
             "git_commit": _git_commit(),

@@ -8,6 +8,8 @@ checkpoint, and save a standard PEFT adapter folder that PEFT and vLLM both load
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from datasets import DatasetDict
 from peft import LoraConfig as PeftLoraConfig
 from peft import prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from doppel.train.base_model import load_model, load_tokenizer, use_qlora
@@ -24,6 +26,7 @@ from doppel.train.config import TrainConfig
 from doppel.train.encode import encode_dataset
 
 ADAPTER_DIR = "adapter"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last in each checkpoint
 
 
 @dataclass
@@ -100,7 +103,7 @@ def train_adapter(
             *(callbacks or []),
         ],
     )
-    resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    resume = last_complete_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=resume)
     adapter_dir = output_dir / ADAPTER_DIR
     trainer.save_model(str(adapter_dir))  # the best checkpoint's adapter, PEFT format
@@ -112,3 +115,30 @@ def train_adapter(
         train_tokens=tokens,
         history=list(trainer.state.log_history),
     )
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing, or None.
+
+    A kill during a save leaves a checkpoint folder without a readable trainer state;
+    resuming from it would fail, so such folders are removed and the one before is used."""
+    if not output_dir.is_dir():
+        return None
+    steps = {
+        int(step): path
+        for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if (step := path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")).isdigit()
+    }
+    for _, checkpoint in sorted(steps.items(), reverse=True):
+        if _complete(checkpoint):
+            return str(checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True

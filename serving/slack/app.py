@@ -10,7 +10,10 @@ Two ways to hold credentials:
   encrypted.
 Every Slack call goes to `SLACK_API_URL` (the emulator in tests). Bolt checks every
 request's signature (HMAC v0, timestamps within 5 minutes) before anything else runs: a
-bad or stale one gets 401, and nothing is processed or stored.
+bad or stale one gets 401, and nothing is processed or stored. A request is acknowledged
+before anything is written; the work then runs on bounded pools, mentions apart from
+commands (`serving/slack/pools.py`). Alone (`doppel slack-app`), the app refuses bodies
+over `slack_app.max_request_bytes` (`serving/body_limit.py`, shared with the model API).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
-from slack_bolt import App, BoltContext, BoltRequest, BoltResponse
+from slack_bolt import App, BoltContext, BoltResponse, Respond
 from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
 from slack_bolt.error import BoltError
 from slack_bolt.oauth import OAuthFlow
@@ -30,13 +33,17 @@ from starlette.concurrency import run_in_threadpool
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
+from doppel.redact import redact_url
 from doppel.store.database import Database, database
+from serving.body_limit import BodyLimit
 from serving.slack.commands import register_commands
 from serving.slack.installations import oauth_stores
 from serving.slack.mentions import register_mentions
 from serving.slack.model_client import ChatModel, ModelClient
+from serving.slack.pools import PooledLazyRunner, WorkerPool
+from serving.slack.ratelimit import MentionLimiter
+from serving.slack.revocations import register_revocations
 from serving.slack.services import Services
-from serving.slack.state import first_delivery
 from serving.slack.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -53,17 +60,26 @@ class SlackApp:
     def __init__(self, settings: Settings, model: ChatModel) -> None:
         if not settings.slack_signing_secret:
             raise DoppelError("SLACK_SIGNING_SECRET is not set", CREDENTIALS_HINT)
+        limits = settings.slack_app
         self.db = database(settings.db_url)
         self.bolt = build_bolt(settings, self.db)
         self.trainer = Trainer(settings, self.db)
-        self.services = Services(settings, self.db, model, self.trainer)
+        limiter = MentionLimiter(
+            limits.mentions_per_user_per_minute, limits.mentions_per_channel_per_minute
+        )
+        self.services = Services(settings, self.db, model, self.trainer, limiter)
+        self.mentions = WorkerPool("mentions", limits.mention_workers, limits.max_waiting)
+        self.commands = WorkerPool("commands", limits.command_workers, limits.max_waiting)
+        runner = PooledLazyRunner(self.bolt, default=self.commands, busy=command_busy)
         self.bolt.use(same_workspace)
-        self.bolt.use(once_per_event(self.db))
-        register_mentions(self.bolt, self.services)
+        register_mentions(self.bolt, self.services, runner, self.mentions)
         register_commands(self.bolt, self.services)
+        register_revocations(self.bolt)
         self.router = slack_routes(self.bolt)
 
     def close(self) -> None:
+        for pool in (self.mentions, self.commands):  # waiting work is dropped, running ends
+            pool.shutdown(wait=False, cancel_futures=True)
         self.trainer.close()
 
 
@@ -121,22 +137,9 @@ def same_workspace(context: BoltContext, next: Callable[[], None]) -> BoltRespon
     return None
 
 
-def once_per_event(db: Database) -> Callable[..., BoltResponse | None]:
-    """Handle each Events API delivery once: Slack retries (`X-Slack-Retry-Num`) of an event
-    already recorded are acknowledged and dropped."""
-
-    def deduplicate(
-        body: dict, request: BoltRequest, context: BoltContext, next: Callable[[], None]
-    ) -> BoltResponse | None:
-        event_id = body.get("event_id") if body.get("type") == "event_callback" else None
-        if event_id and not first_delivery(db, event_id, context.team_id or ""):
-            retry = request.headers.get("x-slack-retry-num", ["?"])[0]
-            log.info("event %s again (retry %s): already handled", event_id, retry)
-            return BoltResponse(status=200, body="")
-        next()
-        return None
-
-    return deduplicate
+def command_busy(respond: Respond) -> None:
+    """What `/doppel` answers while every command worker is busy and the backlog is full."""
+    respond("DoppelBot is busy right now; run the command again in a minute.")
 
 
 def slack_routes(bolt: App) -> APIRouter:
@@ -185,11 +188,7 @@ def mount_slack(app: FastAPI, settings: Settings, model: ChatModel) -> SlackApp:
 
 def standalone_app(settings: Settings, serving_url: str | None = None) -> FastAPI:
     """The Slack app alone (`doppel slack-app`), calling the model API over HTTP."""
-    model = ModelClient(
-        serving_url or settings.serving_url,
-        timeout=settings.slack_app.reply_timeout_seconds,
-        max_tokens=settings.slack_app.max_tokens,
-    )
+    model = ModelClient.from_settings(settings, serving_url or settings.serving_url)
     slack = SlackApp(settings, model)
 
     @asynccontextmanager
@@ -199,10 +198,11 @@ def standalone_app(settings: Settings, serving_url: str | None = None) -> FastAP
         model.close()
 
     app = FastAPI(title="DoppelBot Slack app", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=settings.slack_app.max_request_bytes)
     app.include_router(slack.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        return {"status": "ok", "model_api": model.base_url}
+        return {"status": "ok", "model_api": redact_url(model.base_url)}
 
     return app

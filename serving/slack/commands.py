@@ -40,7 +40,8 @@ USER_REF = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")  # how Slack escapes 
 
 HELP = """*DoppelBot* learns how people here write and answers in their voice when @mentioned.
 • `/doppel optin`: let DoppelBot learn from your messages and answer as you
-• `/doppel optout`: withdraw that, and delete your datasets, adapters and model versions
+• `/doppel optout`: withdraw that, cancel your trainings, and delete your datasets, \
+adapters and model versions
 • `/doppel train [@user]`: train your persona (admins: anyone who opted in)
 • `/doppel list`: who opted in, and who answers mentions here
 • `/doppel switch @user [workspace]`: who answers mentions in this channel \
@@ -138,17 +139,23 @@ def optin(request: Command) -> str:
 
 
 def optout(request: Command) -> str:
+    """Withdraw consent at once, cancel the person's trainings, delete what was made."""
+    services, workspace_id, user_id = request.services, request.workspace_id, request.user_id
     deletion = revoke(
-        request.services.settings,
-        request.services.db,
-        request.workspace_id,
-        request.user_id,
-        request.user_id,
+        services.settings,
+        services.db,
+        workspace_id,
+        user_id,
+        user_id,
+        stop_trainings=lambda failed: services.trainer.cancel(workspace_id, user_id, failed),
     )
-    return (
+    answer = (
         "You opted out: DoppelBot will not train on you or answer as you. Deleted:\n"
         + "\n".join(f"• {line}" for line in deletion.lines())
     )
+    if not deletion.complete:
+        answer += "\n_Some of it could not be deleted yet: `/doppel optout` again finishes it._"
+    return answer
 
 
 def train(request: Command) -> str:

@@ -12,8 +12,11 @@ from typing import Protocol
 
 import httpx
 
+from doppel.config import Settings
 from doppel.errors import DoppelError
 from doppel.types import ChatMessage
+
+KEY_HINT = "set DOPPEL_SLACK_APP__MODEL_API_KEY to one of the model API's DOPPEL_SERVE__API_KEYS"
 
 
 class NoProductionAdapter(DoppelError):
@@ -27,14 +30,39 @@ class ChatModel(Protocol):
     def reply(self, workspace_id: str, user_id: str, messages: list[ChatMessage]) -> str: ...
 
 
+def model_api_key(settings: Settings) -> str | None:
+    """The key the Slack app sends: `slack_app.model_api_key`, else the first of
+    `serve.api_keys` (one process, or one configuration, serving both)."""
+    keys = [settings.slack_app.model_api_key, *settings.serve.api_keys]
+    return next((key.get_secret_value() for key in keys if key and key.get_secret_value()), None)
+
+
 class ModelClient:
     """The model API over HTTP (`DOPPEL_SERVING_URL`), with timeouts and clear errors."""
 
-    def __init__(self, base_url: str, timeout: float = 120.0, max_tokens: int = 200) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 120.0,
+        max_tokens: int = 200,
+        api_key: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_tokens = max_tokens
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0)
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, base_url: str) -> ModelClient:
+        """The client the Slack app uses, with its timeout, reply length and key."""
+        return cls(
+            base_url,
+            timeout=settings.slack_app.reply_timeout_seconds,
+            max_tokens=settings.slack_app.max_tokens,
+            api_key=model_api_key(settings),
         )
 
     def reply(self, workspace_id: str, user_id: str, messages: list[ChatMessage]) -> str:
@@ -51,6 +79,10 @@ class ModelClient:
             raise NoProductionAdapter(
                 f"{model} has no production adapter yet",
                 "train one with '/doppel train'; the gate promotes it when it is good enough",
+            )
+        if response.status_code == 401:
+            raise DoppelError(
+                f"the model API at {self.base_url} refused our key (or lack of one)", KEY_HINT
             )
         if response.status_code != 200:
             raise DoppelError(

@@ -1,4 +1,5 @@
-"""What the Slack handlers share: settings, the database, the model and the trainer."""
+"""What the Slack handlers share: settings, the database, the model, the trainer and the
+mention limits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from doppel.config import Settings
 from doppel.store.database import Database
 from serving.slack.model_client import ChatModel
+from serving.slack.ratelimit import MentionLimiter
 from serving.slack.training import Trainer
 
 
@@ -16,3 +18,4 @@ class Services:
     db: Database
     model: ChatModel
     trainer: Trainer
+    limiter: MentionLimiter

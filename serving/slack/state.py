@@ -26,6 +26,7 @@ from doppel.store.models import (
 WORKSPACE_WIDE = "*"  # the `channel_id` of a workspace's default persona
 EVENT_MEMORY = timedelta(days=1)  # Slack retries for minutes; a day is plenty
 PERSONA_FIELDS = ("user_id", "set_by", "set_at")
+OPEN, CANCELLED = ("queued", "running"), "cancelled"  # training request statuses
 
 
 # -- personas -----------------------------------------------------------------------------
@@ -129,16 +130,46 @@ def update_training_request(
     status: str,
     detail: str | None = None,
     flow_run: str | None = None,
-) -> None:
+) -> str:
+    """Record how a training goes; returns the request's status now. A cancelled request
+    (its person opted out) stays cancelled, its flow run still recorded so it can be
+    cancelled too."""
     with db.transaction() as session:
         row = session.get(TrainingRequest, request_id)
         if row is None:
             raise LookupError(f"training request {request_id} is not in the database")
+        row.flow_run = flow_run or row.flow_run
+        if row.status == CANCELLED:
+            return CANCELLED
         row.status = status
         row.detail = detail if detail is not None else row.detail
-        row.flow_run = flow_run or row.flow_run
         if status in ("done", "failed"):
             row.finished_at = utcnow()
+        return status
+
+
+def cancel_training_requests(
+    db: Database, workspace_id: str, user_id: str
+) -> dict[int, str | None]:
+    """Mark the person's queued and running trainings cancelled, so none starts or is
+    reported done; returns their ids with their Prefect flow run ids (None: run locally)."""
+    with db.transaction() as session:
+        rows = session.scalars(
+            select(TrainingRequest).where(
+                TrainingRequest.workspace_id == workspace_id,
+                TrainingRequest.user_id == user_id,
+                TrainingRequest.status.in_(OPEN),
+            )
+        ).all()
+        for row in rows:
+            row.status, row.detail, row.finished_at = CANCELLED, "consent withdrawn", utcnow()
+        return {row.id: row.flow_run for row in rows}
+
+
+def training_cancelled(db: Database, request_id: int) -> bool:
+    with db.session() as session:
+        row = session.get(TrainingRequest, request_id)
+        return row is not None and row.status == CANCELLED
 
 
 def trainings_since(session: Session, workspace_id: str, since: datetime) -> int:
