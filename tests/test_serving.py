@@ -346,6 +346,8 @@ def test_a_model_deleted_from_the_registry_leaves_no_cached_copy(world: World, t
     v1 = registry.version(NAME, "1")
     version = registry.client.create_model_version(gone, source=v1.source, run_id=v1.run_id)
     registry.promote(gone, str(version.version), "test")
+    with Database(world.settings.db_url).transaction() as session:
+        grant(session, TEAM, "UGONE", "serving tests")  # served only while they consent
     catalog = AdapterCatalog(world.private(tmp_path))
     catalog.refresh()
     assert (catalog.cache_dir / gone).is_dir() and catalog.resolve(f"{TEAM}/UGONE")
