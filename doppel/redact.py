@@ -20,7 +20,7 @@ def redact_url(url: str) -> str:
     """`url` with its password, if any, shown as ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL SQLAlchemy reads ("databricks", a bare path)
+    except (ArgumentError, ValueError):  # not one URL SQLAlchemy reads: "databricks", a bad port
         return redact(url)
 
 

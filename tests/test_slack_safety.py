@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from doppel.registry import Registry
 from doppel.store.database import Database
 from doppel.store.models import SlackEvent
 from serving.catalog import AdapterCatalog
+from serving.slack.child_env import training_env
 from serving.slack.escape import cap, escape
 from serving.slack.installations import EncryptedInstallationStore, cipher
 from serving.slack.ratelimit import MentionLimiter
@@ -452,6 +455,7 @@ def test_credentials_in_uris_are_redacted() -> None:
     assert redact_url(url) == "postgresql+psycopg://doppel:***@db.internal:5432/doppel"
     assert redact_url("http://mlflow:pw@10.0.0.5:5000") == "http://mlflow:***@10.0.0.5:5000"
     assert redact_url("databricks") == "databricks"
+    assert redact_url("http://u:pw@h:notaport/x") == "http://u:***@h:notaport/x"
     said = f"cannot reach {url}, nor https://u:p@h/x; https://h:443/x is fine"
     assert redact(said) == (
         "cannot reach postgresql+psycopg://doppel:***@db.internal:5432/doppel, "
@@ -475,3 +479,29 @@ def test_store_and_registry_errors_never_show_a_password(
     catalog.refresh()
     readyz = json.dumps(catalog.status())  # what the model API's /readyz shows
     assert "hunter2" not in readyz and ":***@127.0.0.1" in readyz, readyz
+
+
+def test_a_training_child_gets_what_training_needs_and_no_serving_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secrets = {
+        "SLACK_SIGNING_SECRET": "signing",
+        "SLACK_CLIENT_SECRET": "client",
+        "DOPPEL_SERVE__API_KEYS": "key1,key2",
+        "DOPPEL_SERVE__ADMIN_TOKEN": "admin",
+        "DOPPEL_SLACK_APP__MODEL_API_KEY": "key1",
+        "OPENAI_API_KEY": "unrelated",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DOPPEL_DATASET__MIN_CHARS", "50")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-ingest")
+    env = training_env(DATABASE_URL="sqlite:///store.db")
+    shown = subprocess.run(
+        [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    seen = json.loads(shown.stdout)
+    assert not set(secrets) & set(seen)
+    assert seen["DOPPEL_DATASET__MIN_CHARS"] == "50" and seen["SLACK_BOT_TOKEN"] == "xoxb-ingest"
+    assert seen["DATABASE_URL"] == "sqlite:///store.db" and "PATH" in seen

@@ -28,6 +28,7 @@ from uuid import UUID
 
 from doppel.config import Settings
 from doppel.store.database import Database
+from serving.slack.child_env import training_env
 from serving.slack.state import (
     CANCELLED,
     add_training_request,
@@ -103,11 +104,11 @@ class Trainer:
 
         command = [sys.executable, "-m", "doppel.cli", "pipeline", "--user", user_id]
         command += ["--workspace", workspace_id, "--json", *self._recipe_args()]
-        env = os.environ | {
-            "DOPPEL_HOME": str(self.settings.home.resolve()),
-            "DATABASE_URL": self.settings.db_url,
-            "MLFLOW_TRACKING_URI": tracking_uri(self.settings),
-        }
+        env = training_env(
+            DOPPEL_HOME=str(self.settings.home.resolve()),
+            DATABASE_URL=self.settings.db_url,
+            MLFLOW_TRACKING_URI=tracking_uri(self.settings),
+        )
         if update_training_request(self.db, request_id, "running", "doppel pipeline") == CANCELLED:
             return CANCELLED, "consent withdrawn before it started"
         notify(
