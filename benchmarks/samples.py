@@ -3,7 +3,7 @@
 Generates a synthetic workspace of about 1M messages, then times, on one core:
   1. segmenting every message into conversations (filtering, cleaning markup, turns);
   2. building the samples of the most active person;
-  3. counting every person's samples (what `doppel users` does).
+  3. counting every person's samples (what each ingest does, so `doppel users` can read them).
 With `--store`, it also ingests the workspace into SQLite and times reading it back.
 
     python benchmarks/samples.py [--users 200] [--days 580] [--store]
@@ -89,7 +89,7 @@ def main() -> None:
         total,
     )
     timed(
-        "samples of every person (doppel users)",
+        "samples of every person (at ingest)",
         lambda: [user_samples(convs, uid, rules) for uid, convs in by_author.items()],
         total,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -108,6 +108,16 @@ class PipelineSettings(Section):
     training_slots: int = Field(1, ge=1)  # Prefect concurrency limit "doppel-training"
 
 
+class EvaluateSettings(Section):
+    """How a candidate adapter is scored before the gate."""
+
+    # The precision the base model is scored in. "serve": what the model API computes in
+    # (on CUDA: bfloat16, float16 before Ampere; on CPU: bfloat16 with vLLM, float32 with
+    # transformers), so the gate scores the model that is served. "nf4": the 4-bit base
+    # QLoRA trained on.
+    precision: Literal["serve", "bfloat16", "float16", "float32", "nf4"] = "serve"
+
+
 class SlackAppSettings(Section):
     """The Slack app: installation, how it answers, and each workspace's default limits."""
 
@@ -155,11 +165,19 @@ class ServeSettings(Section):
     engine: str = Field("auto", pattern="^(auto|vllm|transformers)$")  # auto: vLLM if installed
     base_model: str = "smollm2-135m-instruct"  # adapters trained on another base are not served
     refresh_seconds: float = Field(30.0, gt=0)  # how often the `production` aliases are re-read
+    # Adapters are downloaded on first use; after each refresh, up to `prefetch` production
+    # adapters not on disk yet are fetched in the background, into free cache space only.
+    prefetch: int = Field(32, ge=0)
+    max_cache_gb: float = Field(20.0, gt=0)  # adapters on disk (10^9 bytes); LRU out, not in use
+    keep_superseded_minutes: float = Field(60.0, ge=0)  # a version out of production, unasked
     # Who consents is re-read from the database at most this old: a revoke stops serving within.
     consent_cache_seconds: float = Field(1.0, ge=0, le=2)
-    max_loaded_adapters: int = Field(16, ge=1)  # adapters kept in memory, least recently used out
+    max_loaded_adapters: int = Field(16, ge=1)  # transformers: adapters in memory, LRU out
     max_gpu_loras: int = Field(4, ge=1)  # vLLM: distinct adapters in one batch
-    max_lora_rank: int = Field(16, ge=1)  # vLLM: raised to the largest registered rank
+    max_lora_rank: int = Field(16, ge=1)  # vLLM: the largest adapter rank served
+    # vLLM: host memory for adapters kept loaded (max_cpu_loras); None: a quarter of the
+    # memory available at start.
+    adapter_memory_gib: float | None = Field(None, gt=0)
     max_model_len: int = Field(2048, ge=64)
     max_prompt_tokens: int = Field(1536, ge=16)  # older turns dropped beyond this, as in training
     max_tokens_limit: int = Field(512, ge=1)  # the most a request may ask `max_tokens` for
@@ -219,6 +237,8 @@ class Settings(BaseSettings):
     slack_client_id: str | None = Field(None, validation_alias="SLACK_CLIENT_ID")
     slack_client_secret: str | None = Field(None, validation_alias="SLACK_CLIENT_SECRET")
     secret_key: str | None = Field(None, validation_alias="DOPPEL_SECRET_KEY")  # Fernet key(s)
+    # The model API `doppel slack-app` calls: one URL, or several replicas comma-separated,
+    # taken in turn, an unreachable one skipped (serving/slack/model_client.py).
     serving_url: str = Field("http://127.0.0.1:8000", validation_alias="DOPPEL_SERVING_URL")
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     # Read once here: MLflow itself rewrites MLFLOW_TRACKING_URI in os.environ once in use.
@@ -228,6 +248,7 @@ class Settings(BaseSettings):
     export: ExportSettings = ExportSettings()
     dataset: DatasetSettings = DatasetSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
     serve: ServeSettings = ServeSettings()
     slack_app: SlackAppSettings = SlackAppSettings()
 

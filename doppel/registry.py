@@ -17,7 +17,7 @@ import httpx
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage, Run, ViewType
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.entities.paged_list import PagedList
@@ -117,13 +117,14 @@ class Registry:
             ) from None
 
     def versions(self, name: str) -> list[ModelVersion]:
-        """Every version, oldest first, with aliases (searches leave those out)."""
+        """Every version, oldest first, with aliases. Searches leave those out: they come
+        from the registered model, in one call for all versions."""
         try:
-            found = self.client.search_model_versions(f"name = '{name}'")
+            found = self._model_versions(f"name = '{name}'")
+            aliases = self.client.get_registered_model(name).aliases if found else {}
         except (MlflowException, RestException):
             return []
-        ordered = sorted(found, key=lambda v: int(v.version))
-        return [self.client.get_model_version(name, str(v.version)) for v in ordered]
+        return _with_aliases(found, aliases)
 
     def production(self, name: str) -> ModelVersion | None:
         try:
@@ -171,15 +172,7 @@ class Registry:
         name = model_name(workspace_id, user_id)
         deleted: dict[str, Any] = {"name": name, "versions": [], "runs": []}
         try:
-            versions = [
-                mv
-                for page in _pages(
-                    lambda token: self.client.search_model_versions(
-                        f"name = '{name}'", max_results=PAGE_SIZE, page_token=token
-                    )
-                )
-                for mv in page
-            ]
+            versions = self._model_versions(f"name = '{name}'")
             tagged = [run.info.run_id for run in self.person_runs(workspace_id, user_id)]
         except (MlflowException, OSError) as error:
             failed.append(f"MLflow search for {name}: {_first_line(error)}")
@@ -208,26 +201,49 @@ class Registry:
         """Every run tagged with this person, in every experiment, whatever its state:
         finished, failed, killed, or deleted with its artifacts still stored."""
         found: dict[str, Run] = {}
-        experiments = _pages(
-            lambda token: self.client.search_experiments(
-                view_type=ViewType.ALL, max_results=PAGE_SIZE, page_token=token
-            )
-        )
-        for page in experiments:
-            ids = [experiment.experiment_id for experiment in page]
+        for ids in _chunks(self._experiment_ids(), PAGE_SIZE):
             for key in ("workspace_id", "team_id"):  # older runs say team_id
                 query = f"tags.{key} = '{workspace_id}' AND tags.user_id = '{user_id}'"
                 found |= {run.info.run_id: run for run in self._all_runs(ids, query)}
         return list(found.values())
 
-    def _all_runs(self, experiment_ids: list[str], query: str) -> Iterator[Run]:
+    def _experiment_ids(self) -> list[str]:
+        """Every experiment, live or deleted."""
+        return [
+            experiment.experiment_id
+            for experiment in _all(
+                lambda token: self.client.search_experiments(
+                    view_type=ViewType.ALL, max_results=PAGE_SIZE, page_token=token
+                )
+            )
+        ]
+
+    def _all_runs(self, experiment_ids: list[str], query: str) -> list[Run]:
         """Every run the query matches, live or deleted, page after page."""
-        for page in _pages(
+        return _all(
             lambda token: self.client.search_runs(
                 experiment_ids, query, ViewType.ALL, PAGE_SIZE, page_token=token
             )
-        ):
-            yield from page
+        )
+
+    def _model_versions(self, query: str) -> list[ModelVersion]:
+        """Every version the query matches, page after page (without aliases)."""
+        return _all(
+            lambda token: self.client.search_model_versions(
+                query, max_results=PAGE_SIZE, page_token=token
+            )
+        )
+
+    def registered_models(self, workspace_id: str | None = None) -> list[RegisteredModel]:
+        """Every DoppelBot registered model (of one workspace), with its tags and aliases,
+        in one call per PAGE_SIZE models."""
+        prefix = _prefix(workspace_id)
+        found = _all(
+            lambda token: self.client.search_registered_models(
+                f"name LIKE '{prefix}%'", max_results=PAGE_SIZE, page_token=token
+            )
+        )
+        return [model for model in found if model.name.startswith(prefix)]  # `_` is a wildcard
 
     def _delete_run(self, run_id: str) -> bool:
         """Delete a run's artifacts, then the run; False when nothing of it was left."""
@@ -249,37 +265,60 @@ class Registry:
     def download_adapter(self, name: str, version: str, into: Path) -> Path:
         """The version's adapter folder, fetched through MLflow (no shared disk needed)."""
         mv = self.version(name, version)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(into)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=mv.source, dst_path=str(into), tracking_uri=self.uri
+            )
+        )
 
-    def run_metrics(self, run_id: str) -> dict[str, float]:
-        return dict(self.client.get_run(run_id).data.metrics)
+    def run_metrics(self, run_ids: list[str]) -> dict[str, dict[str, float]]:
+        """Each run's metrics, PAGE_SIZE runs a call rather than one call a run."""
+        if not run_ids:
+            return {}
+        experiments = self._experiment_ids()
+        metrics = {}
+        for chunk in _chunks(list(dict.fromkeys(run_ids)), PAGE_SIZE):
+            quoted = ", ".join(f"'{run_id}'" for run_id in chunk)
+            query = f"attributes.run_id IN ({quoted})"
+            for ids in _chunks(experiments, PAGE_SIZE):
+                for run in self._all_runs(ids, query):
+                    metrics[run.info.run_id] = dict(run.data.metrics)
+        return metrics
 
     def models(self, workspace_id: str | None = None) -> list[dict[str, Any]]:
-        """Every DoppelBot model with its versions, aliases, metrics and decisions."""
-        prefix = f"doppel.{workspace_id}." if workspace_id else "doppel."
+        """Every DoppelBot model with its versions, aliases, metrics and decisions.
+
+        A few paged searches whatever the number of people: the registered models (with
+        their aliases), every version of them, and the runs' metrics in batches."""
+        registered = self.registered_models(workspace_id)
+        by_name: dict[str, list[ModelVersion]] = {model.name: [] for model in registered}
+        for mv in self._model_versions(f"name LIKE '{_prefix(workspace_id)}%'"):
+            if mv.name in by_name:
+                by_name[mv.name].append(mv)
+        metrics = self.run_metrics(
+            [mv.run_id for mvs in by_name.values() for mv in mvs if mv.run_id]
+        )
         result = []
-        for registered in self.client.search_registered_models(f"name LIKE '{prefix}%'"):
-            production = self.production(registered.name)
-            versions = []
-            for mv in self.versions(registered.name):
-                versions.append(
-                    {
-                        "version": int(mv.version),
-                        "aliases": sorted(mv.aliases),
-                        "run_id": mv.run_id,
-                        "metrics": self.run_metrics(mv.run_id) if mv.run_id else {},
-                        "decision": mv.tags.get("decision"),
-                        "reason": mv.tags.get("reason"),
-                    }
-                )
-            workspace_id, user_id = owner(registered.tags)
+        for model in registered:
+            workspace, user_id = owner(model.tags)
+            production = model.aliases.get(PRODUCTION)
             result.append(
                 {
-                    "name": registered.name,
-                    "workspace_id": workspace_id,
+                    "name": model.name,
+                    "workspace_id": workspace,
                     "user_id": user_id,
-                    "production": int(production.version) if production else None,
-                    "versions": versions,
+                    "production": int(production) if production is not None else None,
+                    "versions": [
+                        {
+                            "version": int(mv.version),
+                            "aliases": sorted(mv.aliases),
+                            "run_id": mv.run_id,
+                            "metrics": metrics.get(mv.run_id, {}) if mv.run_id else {},
+                            "decision": mv.tags.get("decision"),
+                            "reason": mv.tags.get("reason"),
+                        }
+                        for mv in _with_aliases(by_name[model.name], model.aliases)
+                    ],
                 }
             )
         return sorted(result, key=lambda model: model["name"])
@@ -294,6 +333,28 @@ def _pages(search: Callable[[str | None], PagedList[T]]) -> Iterator[PagedList[T
         token = page.token
         if not token:
             return
+
+
+def _all(search: Callable[[str | None], PagedList[T]]) -> list[T]:
+    """Every result of an MLflow search: a listing is complete, or it raises."""
+    return [item for page in _pages(search) for item in page]
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _prefix(workspace_id: str | None) -> str:
+    return f"doppel.{workspace_id}." if workspace_id else "doppel."
+
+
+def _with_aliases(versions: list[ModelVersion], aliases: dict[str, Any]) -> list[ModelVersion]:
+    """The versions, oldest first, each with the aliases the registered model gives it
+    (alias versions are ints from SQL stores, strings over REST)."""
+    for mv in versions:
+        mv.aliases = sorted(alias for alias, to in aliases.items() if str(to) == str(mv.version))
+    return sorted(versions, key=lambda mv: int(mv.version))
 
 
 def _gone(error: Exception) -> bool:

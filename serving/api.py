@@ -20,6 +20,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -88,12 +89,14 @@ class ChatRequest(BaseModel):
 
 @dataclass
 class Started:
-    """A completion under way: its id, its adapter, the prompt it continues, its deltas."""
+    """A completion under way: its id, its adapter, the prompt it continues, its deltas,
+    and `release`, which lets the adapter go once the completion is over."""
 
     request_id: str
     adapter: Adapter
     prompt: list[int]
     deltas: AsyncGenerator[Delta, None]
+    release: Callable[[], None]
 
 
 class Overloaded(Exception):
@@ -115,17 +118,40 @@ class Server:
         self.credentials = Credentials(settings.serve)
         self.ready = False
         self.inflight = 0
+        self._prefetching: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Ready once the aliases are read and the base model is loaded. No adapter is
+        downloaded first (each comes on its first request, or from the prefetch), so a
+        server of 1,000 people is ready about as soon as a server of one."""
         await asyncio.to_thread(self.catalog.refresh)
-        await self.engine.start(self.catalog.served())
+        await self.engine.start()
         self.ready = True
+        self.prefetch()
 
     async def refresh_forever(self) -> None:
         """Follow `production` aliases: a promoted version serves within `refresh_seconds`."""
         while True:
             await asyncio.sleep(self.limits.refresh_seconds)
-            await asyncio.to_thread(self.catalog.refresh)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        await asyncio.to_thread(self.catalog.refresh)
+        self.prefetch()
+
+    def prefetch(self) -> None:
+        """Download up to `serve.prefetch` production adapters ahead of their first request,
+        in the background, one at a time; a round starts only when the last one is over."""
+        if self.limits.prefetch and (self._prefetching is None or self._prefetching.done()):
+            self._prefetching = asyncio.create_task(
+                asyncio.to_thread(self.catalog.prefetch, self.limits.prefetch)
+            )
+
+    async def close(self) -> None:
+        self.catalog.close()
+        if self._prefetching is not None:  # ends after the download under way
+            await self._prefetching
+        await self.engine.close()
 
     # -- one completion ------------------------------------------------------------------
 
@@ -163,34 +189,34 @@ class Server:
             raise Overloaded
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
-        released = False
 
         def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.inflight -= 1
-                self.metrics.inflight.set(self.inflight)
+            self.inflight -= 1
+            self.metrics.inflight.set(self.inflight)
 
-        return release
+        return once(release)
 
     def is_production(self, model: str) -> bool:
         """Whether `model` names a production adapter (`T/U`, or `T/U@N` when N is it)."""
         workspace_id, user_id, version = parse_model(model)
         if version is None:
             return True
-        production = {adapter.model_id: adapter.version for adapter in self.catalog.served()}
-        return production.get(f"{workspace_id}/{user_id}") == version
+        return self.catalog.production_version(f"{workspace_id}/{user_id}") == version
 
     async def completion(self, request: ChatRequest) -> Started:
-        """Resolve the adapter, render the prompt and start generating."""
-        adapter = await asyncio.to_thread(self.catalog.resolve, request.model)
-        max_tokens = request.max_tokens or self.limits.default_max_tokens
-        budget = min(self.limits.max_prompt_tokens, self.limits.max_model_len - max_tokens)
-        # Tokenizing is CPU work: off the event loop, which must keep streaming meanwhile.
-        prompt = await asyncio.to_thread(
-            render_prompt, self.tokenizer, adapter.card, list(request.messages), budget
-        )
+        """Resolve the adapter (downloading it on its first request), render the prompt and
+        start generating. The adapter stays on disk until `Started.release`."""
+        adapter = await asyncio.to_thread(self.catalog.acquire, request.model)
+        try:
+            max_tokens = request.max_tokens or self.limits.default_max_tokens
+            budget = min(self.limits.max_prompt_tokens, self.limits.max_model_len - max_tokens)
+            # Tokenizing is CPU work: off the event loop, which must keep streaming meanwhile.
+            prompt = await asyncio.to_thread(
+                render_prompt, self.tokenizer, adapter.card, list(request.messages), budget
+            )
+        except BaseException:
+            self.catalog.release(adapter)
+            raise
         options = SamplingOptions(
             max_tokens=max_tokens,
             temperature=request.temperature,
@@ -200,7 +226,22 @@ class Server:
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         deltas = self.engine.generate(request_id, prompt, adapter, options)
-        return Started(request_id, adapter, prompt, deltas)
+        release = once(partial(self.catalog.release, adapter))
+        return Started(request_id, adapter, prompt, deltas, release)
+
+
+def once(*steps: Callable[[], None]) -> Callable[[], None]:
+    """The `steps`, run the first time the result is called and never again."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            for step in steps:
+                step()
+
+    return run
 
 
 def render_prompt(
@@ -236,6 +277,7 @@ def create_app(
     # Fail fast on a dead MLflow instead of retrying for minutes: cached adapters keep serving.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar a download
     server = Server(settings, engine_kind)
     closers: list[Callable[[], None]] = []
 
@@ -249,7 +291,7 @@ def create_app(
             refresher.cancel()
             for close in closers:
                 close()
-            await server.engine.close()
+            await server.close()
 
     docs = settings.serve.docs  # off by default: the API's shape is nobody else's business
     app = FastAPI(
@@ -302,7 +344,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(request: Request, error: UnknownModel) -> Response:
-        served = [adapter.model_id for adapter in app.state.server.catalog.served()]
+        served = [model.model_id for model in app.state.server.catalog.served()]
         return error_response(404, "model_not_found", str(error), available=served)
 
     @app.exception_handler(RegistryUnavailable)
@@ -346,21 +388,21 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def models() -> dict[str, Any]:
         data = [
             {
-                "id": adapter.model_id,
+                "id": model.model_id,
                 "object": "model",
-                "owned_by": adapter.card.workspace_id,
-                "root": adapter.name,
-                "version": adapter.version,
+                "owned_by": model.workspace_id,
+                "root": model.name,
+                "version": model.version,
             }
-            for adapter in server.catalog.served()
+            for model in server.catalog.served()
         ]
         return {"object": "list", "data": data}
 
     @app.post("/admin/reload")
     async def reload() -> JSONResponse:
         """Re-read the `production` aliases now instead of at the next refresh."""
-        await asyncio.to_thread(server.catalog.refresh)
-        versions = {adapter.model_id: adapter.version for adapter in server.catalog.served()}
+        await server.refresh()
+        versions = {model.model_id: model.version for model in server.catalog.served()}
         return JSONResponse(server.catalog.status() | {"versions": versions})
 
     @app.post("/v1/chat/completions")
@@ -370,12 +412,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             refusal = server.credentials.admin_refusal(bearer(http.headers))
             if refusal is not None:
                 return refusal
-        release = server.admit()
+        slot = server.admit()
         try:
             started = await server.completion(request)
         except BaseException:
-            release()
+            slot()
             raise
+        release = once(slot, started.release)
         head = {
             "id": started.request_id,
             "created": int(time.time()),

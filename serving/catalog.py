@@ -1,10 +1,14 @@
 """Which adapter answers for whom: `production` aliases from MLflow, adapters on local disk.
 
 The catalog re-reads every person's `production` alias every `refresh_seconds` (or on
-demand) and downloads new versions into `DOPPEL_HOME/serve-cache/<name>/<version>`
-before any request needs them. Every (name, version) gets its own LoRA id, never reused,
-so a retrained adapter can never be mistaken for the one it replaced. When MLflow is
-down, the last known aliases (also kept on disk) and the cached adapters keep serving.
+demand) in one paged listing of the registered models, which carries their aliases: a
+refresh costs one MLflow call per 100 people, and downloads nothing. An adapter is
+downloaded into the disk cache (`serving.adapter_cache`) on its first request, which
+waits for it (concurrent requests for it share one download), or ahead of time by
+`prefetch`, which the server runs in the background. Every (name, version) gets its own
+LoRA id, never reused, so a retrained adapter can never be mistaken for the one it
+replaced. When MLflow is down, the last known aliases (also kept on disk) and the cached
+adapters keep serving.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import itertools
 import json
 import logging
 import re
-import shutil
-import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from doppel.config import Settings
 from doppel.consent import ConsentCache
 from doppel.errors import DoppelError
-from doppel.persona import PERSONA_FILE, PersonaCard
+from doppel.persona import PersonaCard
 from doppel.redact import redact
 from doppel.registry import PRODUCTION, Registry, model_name, owner
+from serving.adapter_cache import AdapterCache, Key
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,23 @@ class Adapter:
         return f"{self.name}@{self.version}"
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A person served: their production version, downloaded yet or not."""
+
+    model_id: str  # "<workspace_id>/<user_id>"
+    name: str
+    version: str
+
+    @property
+    def workspace_id(self) -> str:
+        return self.model_id.split("/", 1)[0]
+
+
 SLACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Slack's ids are T0123ABC, U0123ABC, ...
 VERSION = re.compile(r"0*([1-9][0-9]{0,8})")  # a positive integer, leading zeros ignored
+HINT_MODELS = 20  # models named in a 404's hint; /v1/models lists them all
+EVICTION_RETRIES = 3  # an adapter evicted between its download and its use is fetched again
 
 
 def parse_model(model: str) -> tuple[str, str, str | None]:
@@ -90,48 +110,90 @@ def parse_model(model: str) -> tuple[str, str, str | None]:
 class AdapterCatalog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache_dir = settings.home.resolve() / "serve-cache"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        serve = settings.serve
+        self.cache = AdapterCache(
+            settings.home.resolve() / "serve-cache", int(serve.max_cache_gb * 1e9)
+        )
+        self.cache_dir = self.cache.root
         self._aliases_file = self.cache_dir / "production.json"
-        self._production: dict[str, tuple[str, str]] = {}  # model_id -> (name, version)
-        self._adapters: dict[tuple[str, str], Adapter] = {}
-        self._lora_ids = itertools.count(1)
+        self._production: dict[str, Key] = {}  # model_id -> (name, version)
+        self._adapters: dict[Key, Adapter] = {}  # read from disk: persona card, rank
+        self._lora_ids: dict[Key, int] = {}
+        self._next_lora_id = itertools.count(1)
+        self._pending: dict[Key, Future[Adapter]] = {}  # downloads under way
+        self._unservable: dict[str, tuple[Key, str]] = {}  # model_id -> (version, why not)
         self._lock = threading.Lock()
-        self.problems: dict[str, str] = {}  # model_id -> why it is not served
+        self._closing = threading.Event()
         self.mlflow_reachable = False
         self.last_error: str | None = None
         self.last_refresh: float | None = None
-        self._consent = ConsentCache(settings.db_url, settings.serve.consent_cache_seconds)
+        self._consent = ConsentCache(settings.db_url, serve.consent_cache_seconds)
 
     # -- what is served ------------------------------------------------------------
 
-    def served(self) -> list[Adapter]:
-        """The production adapter of every person who consents (as last read: no I/O, async
-        code calls this), sorted by model id."""
+    def served(self) -> list[ServedModel]:
+        """Every person who consents and has a production adapter (as last read: no I/O,
+        async code calls this), sorted by model id."""
         consenting = self._consent.known()
         with self._lock:
-            keys = sorted(self._production.items())
+            production = sorted(self._production.items())
+            broken = {model_id: key for model_id, (key, _) in self._unservable.items()}
         return [
-            self._adapters[key]
-            for model_id, key in keys
-            if key in self._adapters and tuple(model_id.split("/", 1)) in consenting
+            ServedModel(model_id, *key)
+            for model_id, key in production
+            if broken.get(model_id) != key and tuple(model_id.split("/", 1)) in consenting
         ]
 
+    def production_version(self, model_id: str) -> str | None:
+        """The version `served` lists for `model_id`, if it lists it; no I/O."""
+        key = self._servable(model_id)
+        if key is None or tuple(model_id.split("/", 1)) not in self._consent.known():
+            return None
+        return key[1]
+
+    def _servable(self, model_id: str) -> Key | None:
+        """The production version of `model_id`, unless it proved unservable here."""
+        with self._lock:
+            key = self._production.get(model_id)
+            problem = self._unservable.get(model_id)
+        return None if problem is not None and problem[0] == key else key
+
     def resolve(self, model: str) -> Adapter:
-        """The adapter for a request's `model`, downloading an explicit version if needed."""
+        """The adapter for a request's `model`, downloaded on first use."""
+        return self._resolve(model, pin=False)
+
+    def acquire(self, model: str) -> Adapter:
+        """`resolve`, and keep the adapter on disk until `release`: an engine may read it
+        at any time until the request ends."""
+        return self._resolve(model, pin=True)
+
+    def release(self, adapter: Adapter) -> None:
+        self.cache.unpin((adapter.name, adapter.version))
+
+    def _resolve(self, model: str, pin: bool) -> Adapter:
         workspace_id, user_id, version = parse_model(model)
         model_id = f"{workspace_id}/{user_id}"
         self._require_consent(workspace_id, user_id)
-        if version is None:
+        if version is not None:
+            return self._load(model_id, model_name(workspace_id, user_id), version, pin=pin)
+        key = self._servable(model_id)
+        if key is None:
+            raise self._not_served(model_id)
+        return self._production_adapter(model_id, key, pin)
+
+    def _production_adapter(self, model_id: str, key: Key, pin: bool) -> Adapter:
+        """A production adapter; one that cannot be served here (another base model, no
+        persona card) is taken off the list, with the reason in `status`."""
+        try:
+            return self._load(model_id, *key, pin=pin)
+        except (UnknownModel, RegistryUnavailable):
+            raise
+        except DoppelError as error:
+            reason = redact(str(error))
             with self._lock:
-                key = self._production.get(model_id)
-            if key is None:
-                raise self._not_served(model_id)
-            return self._adapters[key]
-        name = model_name(workspace_id, user_id)
-        with self._lock:
-            cached = self._adapters.get((name, version))
-        return cached or self._load(model_id, name, version)
+                self._unservable[model_id] = (key, reason)
+            log.warning("not serving %s: %s", model_id, reason)
+            raise self._not_served(model_id) from None
 
     def _require_consent(self, workspace_id: str, user_id: str) -> None:
         """Checked on every request against the database (cached `consent_cache_seconds`),
@@ -151,13 +213,17 @@ class AdapterCatalog:
         return UnknownModel(f"no production adapter for '{model_id}'", self._known_hint())
 
     def _known_hint(self) -> str:
-        known = [adapter.model_id for adapter in self.served()]
-        return f"served models: {', '.join(known) or 'none yet (train and promote one)'}"
+        known = [model.model_id for model in self.served()]
+        if not known:
+            return "served models: none yet (train and promote one)"
+        more = len(known) - HINT_MODELS
+        rest = f" and {more} more (GET /v1/models)" if more > 0 else ""
+        return f"served models: {', '.join(known[:HINT_MODELS])}{rest}"
 
     # -- refreshing from MLflow ------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read every `production` alias and fetch new versions; never raises."""
+        """Re-read every `production` alias; never raises, downloads nothing."""
         try:
             self._consent.reread()  # for `served`, which must not read the database itself
         except (SQLAlchemyError, DoppelError) as error:
@@ -172,48 +238,52 @@ class AdapterCatalog:
                 self._restore_aliases()
             return
         self.mlflow_reachable, self.last_error = True, None
-        resolved: dict[str, tuple[str, str]] = {}
-        for model_id, key in production.items():
-            try:
-                self._load(model_id, *key)
-            except Exception as error:
-                self.problems[model_id] = redact(str(error))
-                log.warning("not serving %s: %s", model_id, self.problems[model_id])
-                continue
-            self.problems.pop(model_id, None)
-            resolved[model_id] = key
         with self._lock:
-            self._production = resolved
+            self._production = production
+            self._unservable = {
+                model_id: problem
+                for model_id, problem in self._unservable.items()
+                if production.get(model_id) == problem[0]
+            }
         self.last_refresh = time.time()
-        self._save_aliases(resolved)
-        self._forget_deleted(registered)
+        self._save_aliases(production)
+        self._forget_deleted(registered)  # the listing was complete: absent means deleted
+        self._prune_superseded()
 
-    def _read_aliases(self) -> tuple[set[str], dict[str, tuple[str, str]]]:
-        """Every registered DoppelBot model, and the production version of each that has one."""
-        registry = Registry(self.settings)
+    def _read_aliases(self) -> tuple[set[str], dict[str, Key]]:
+        """Every registered DoppelBot model, and the production version of each that has
+        one, from the aliases the listing carries: one call per page of models."""
         names, production = set(), {}
-        for registered in registry.client.search_registered_models("name LIKE 'doppel.%'"):
+        for registered in Registry(self.settings).registered_models():
             names.add(registered.name)
             workspace_id, user_id = owner(registered.tags)
-            current = _production_version(registry, registered.name)
-            if workspace_id and user_id and current is not None:
-                production[f"{workspace_id}/{user_id}"] = (registered.name, current)
+            version = registered.aliases.get(PRODUCTION)
+            if workspace_id and user_id and version is not None:
+                production[f"{workspace_id}/{user_id}"] = (registered.name, str(version))
         return names, production
 
     def _forget_deleted(self, registered: set[str]) -> None:
         """A model deleted from the registry (someone opted out) leaves no copy behind."""
+        self.cache.forget_models(registered)
         with self._lock:
             for key in [key for key in self._adapters if key[0] not in registered]:
                 del self._adapters[key]
-        for folder in self.cache_dir.iterdir():
-            if (
-                folder.is_dir()
-                and folder.name.startswith("doppel.")
-                and folder.name not in registered
-            ):
-                shutil.rmtree(folder, ignore_errors=True)
 
-    def _save_aliases(self, production: dict[str, tuple[str, str]]) -> None:
+    def _prune_superseded(self) -> None:
+        """Versions no longer in production go once nobody has asked for them for
+        `serve.keep_superseded_minutes` (an operator comparing a challenger, say)."""
+        with self._lock:
+            current = set(self._production.values())
+        since = time.time() - self.settings.serve.keep_superseded_minutes * 60
+        old = [key for key in self.cache.last_uses() if key not in current]
+        self._dropped(self.cache.remove_unused(old, older_than=since))
+
+    def _dropped(self, keys: list[Key]) -> None:
+        with self._lock:
+            for key in keys:
+                self._adapters.pop(key, None)
+
+    def _save_aliases(self, production: dict[str, Key]) -> None:
         staging = self._aliases_file.with_suffix(".tmp")
         staging.write_text(json.dumps({k: list(v) for k, v in production.items()}))
         staging.replace(self._aliases_file)
@@ -223,59 +293,126 @@ class AdapterCatalog:
         if not self._aliases_file.is_file():
             return
         saved: dict[str, list[str]] = json.loads(self._aliases_file.read_text())
-        restored = {}
-        for model_id, (name, version) in saved.items():
-            try:
-                self._load(model_id, name, version)
-            except DoppelError:
-                continue
-            restored[model_id] = (name, version)
+        restored = {
+            model_id: (name, version)
+            for model_id, (name, version) in saved.items()
+            if self.cache.has((name, version))
+        }
         with self._lock:
             self._production = restored
 
+    # -- ahead of time -----------------------------------------------------------------
+
+    def prefetch(self, limit: int) -> int:
+        """Download up to `limit` production adapters that are not on disk yet, one at a
+        time, into free space only (it never evicts to make room): first the new versions
+        of people served before, most recently used first, then the others. Stops early
+        on `close`. Returns how many it fetched."""
+        fetched = 0
+        for model_id, key in self._prefetch_order():
+            if fetched >= limit or self._closing.is_set() or not self.cache.room_for_another():
+                break
+            try:
+                self._production_adapter(model_id, key, pin=False)
+            except Exception as error:  # in the background: logged, and the next one goes on
+                log.warning("prefetching %s: %s", model_id, redact(str(error)))
+                continue
+            fetched += 1
+        return fetched
+
+    def _prefetch_order(self) -> list[tuple[str, Key]]:
+        missing = {
+            model.model_id: (model.name, model.version)
+            for model in self.served()
+            if not self.cache.has((model.name, model.version))
+        }
+        recent: dict[str, float] = {}  # each model's most recent use of any version
+        for (name, _), used in self.cache.last_uses().items():
+            recent[name] = max(recent.get(name, 0.0), used)
+        return sorted(missing.items(), key=lambda item: -recent.get(item[1][0], 0.0))
+
+    def close(self) -> None:
+        """Stop prefetching after the download under way."""
+        self._closing.set()
+
     # -- local cache -------------------------------------------------------------------
 
-    def _load(self, model_id: str, name: str, version: str) -> Adapter:
-        """The adapter from the local cache, downloading it from MLflow on first use."""
-        with self._lock:
-            if (name, version) in self._adapters:
-                return self._adapters[(name, version)]
-        folder = self._cache_path(name, version)
-        if not (folder / PERSONA_FILE).is_file():
-            self._download(name, version, folder)
-        card = PersonaCard.read(folder)
-        if card.base_model != self.settings.serve.base_model:
-            raise DoppelError(
-                f"{name} version {version} was trained on {card.base_model}, "
-                f"but this server serves {self.settings.serve.base_model}",
-                "serve that base (serve.base_model) or retrain on this one",
-            )
-        with self._lock:
-            adapter = self._adapters.get((name, version))
-            if adapter is None:
-                adapter = Adapter(
-                    model_id, name, version, next(self._lora_ids), folder, card, _rank(folder)
-                )
-                self._adapters[(name, version)] = adapter
-        return adapter
-
-    def _cache_path(self, name: str, version: str) -> Path:
-        """`serve-cache/<name>/<version>`, checked to stay in the cache whatever the names
-        hold (the aliases file on disk is read back too)."""
-        try:
-            folder = (self.cache_dir / name / version).resolve()
-            inside = folder.is_relative_to(self.cache_dir)
-        except (OSError, ValueError):  # a NUL byte, a symlink loop
-            inside = False
-        if not inside or len(folder.relative_to(self.cache_dir).parts) != 2:
+    def _load(self, model_id: str, name: str, version: str, pin: bool = False) -> Adapter:
+        """The adapter from the local cache, downloading it from MLflow on first use;
+        `pin` holds it on disk until `release`."""
+        key = (name, version)
+        if self.cache.folder(name, version) is None:
             raise UnknownModel(
                 f"{name} version {version} does not name a folder inside the adapter cache",
                 "names are doppel.<workspace_id>.<user_id>, versions positive integers",
             )
-        return folder
+        for _ in range(EVICTION_RETRIES):
+            adapter = self._ensure(model_id, key)
+            if self.cache.pin(key) if pin else self.cache.touch(key):
+                return adapter
+        raise RegistryUnavailable(
+            f"{name} version {version} was evicted from the adapter cache as soon as fetched",
+            "raise serve.max_cache_gb: the adapters in use fill it",
+        )
 
-    def _download(self, name: str, version: str, folder: Path) -> None:
-        """Fetch into a staging folder, then rename: a half download is never used."""
+    def _ensure(self, model_id: str, key: Key) -> Adapter:
+        """The adapter on disk and read; one download however many requests want it."""
+        with self._lock:
+            adapter = self._adapters.get(key)
+            if adapter is not None and self.cache.has(key):
+                return adapter
+            pending = self._pending.get(key)
+            first = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not first:
+            return pending.result()
+        try:
+            adapter = self._fetch(model_id, key)
+        except BaseException as error:
+            pending.set_exception(error)
+            raise
+        finally:
+            with self._lock:
+                del self._pending[key]
+        pending.set_result(adapter)
+        return adapter
+
+    def _fetch(self, model_id: str, key: Key) -> Adapter:
+        name, version = key
+        if not self.cache.pin(key):  # held while it is read: not evicted under our feet
+            self.cache.add(key, partial(self._download, name, version))
+            self._dropped(self.cache.make_room())
+        try:
+            folder = self.cache.folder(name, version)
+            assert folder is not None  # checked by `_load`
+            card = PersonaCard.read(folder)
+            if card.base_model != self.settings.serve.base_model:
+                raise DoppelError(
+                    f"{name} version {version} was trained on {card.base_model}, "
+                    f"but this server serves {self.settings.serve.base_model}",
+                    "serve that base (serve.base_model) or retrain on this one",
+                )
+            adapter = Adapter(
+                model_id, name, version, self._lora_id(key), folder, card, _rank(folder)
+            )
+        finally:
+            self.cache.unpin(key)
+        with self._lock:
+            self._adapters[key] = adapter
+            if self._unservable.get(model_id, (None,))[0] == key:
+                del self._unservable[model_id]
+        return adapter
+
+    def _lora_id(self, key: Key) -> int:
+        """The same id for a version fetched again after an eviction: it is the same adapter."""
+        with self._lock:
+            if key not in self._lora_ids:
+                self._lora_ids[key] = next(self._next_lora_id)
+            return self._lora_ids[key]
+
+    def _download(self, name: str, version: str, staging: Path) -> Path:
+        """The adapter folder, fetched into `staging` (the cache renames it into place)."""
         try:
             registry = Registry(self.settings)
         except DoppelError as error:
@@ -284,41 +421,37 @@ class AdapterCatalog:
                 "retry when MLflow is back",
             ) from error
         try:
-            registry.version(name, version)
+            adapter_dir = registry.download_adapter(name, version, staging)
         except DoppelError as error:  # an unknown version is a 404, not a 500
             raise UnknownModel(error.message, error.hint) from None
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
-        try:
-            adapter_dir = registry.download_adapter(name, version, staging)
-            PersonaCard.read(adapter_dir)
-            shutil.rmtree(folder, ignore_errors=True)
-            adapter_dir.rename(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        except (MlflowException, OSError) as error:
+            why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise RegistryUnavailable(
+                f"{name} version {version} could not be downloaded: {redact(why)}",
+                "retry shortly",
+            ) from None
+        PersonaCard.read(adapter_dir)  # a folder without its card never enters the cache
+        return adapter_dir
 
     def status(self) -> dict[str, Any]:
+        with self._lock:
+            unservable = {model_id: why for model_id, (_, why) in self._unservable.items()}
         return {
             "mlflow_reachable": self.mlflow_reachable,
             "last_error": self.last_error,
             "last_refresh": self.last_refresh,
             "served": len(self.served()),
-            "not_served": dict(self.problems),
+            "not_served": unservable,
+            "cache": self.cache.usage(),
         }
 
 
-def _production_version(registry: Registry, name: str) -> str | None:
-    """The `production` version, None when there is none. Unlike `Registry.production`,
-    any other failure (MLflow going away mid-refresh) raises, so it is never mistaken
-    for "nobody is in production" and the cached versions keep serving."""
-    try:
-        return str(registry.client.get_model_version_by_alias(name, PRODUCTION).version)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
 def _rank(adapter_dir: Path) -> int:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise DoppelError(
+            f"the adapter at {adapter_dir} has no readable adapter_config.json",
+            "retrain it: doppel pipeline --user USER",
+        ) from None
     return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])

@@ -97,3 +97,12 @@ def test_the_pipeline_flow_refuses_too(synth_zip: Path) -> None:
     ingest_export(Database(get_settings().db_url), synth_zip, max_bytes=2**26)
     with prefect_test_harness(), pytest.raises(DoppelError, match="has not consented"):
         user_pipeline_flow("alice")
+
+
+def test_the_pipeline_of_a_workspace_not_yet_ingested_is_refused_for_consent_alone(
+    settings,
+) -> None:
+    """The Slack app runs `doppel pipeline` with ids before a new install's first ingest:
+    the refusal is about consent, never an unknown workspace (the flow ingests first)."""
+    refused = doppel("pipeline", "--user", "U0NEW01", "--workspace", "T0NEW01", ok=False)
+    assert "has not consented" in refused.stderr and "unknown" not in refused.stderr.lower()

@@ -34,7 +34,7 @@ from tests.servers import free_port
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 BOTH_DBS = pytest.mark.parametrize("db", ["sqlite", POSTGRES], indirect=True)
 BOTH_EMPTY = pytest.mark.parametrize("empty", ["sqlite", POSTGRES], indirect=True)
-HEAD = "0001"
+HEAD = "0002"
 
 
 @pytest.fixture

@@ -60,4 +60,4 @@ def test_the_registry_on_postgresql(
     catalog.refresh()
     (served,) = catalog.served()
     assert (served.model_id, served.version) == (f"{TEAM}/{USER}", first.version)
-    assert (served.path / "adapter_model.safetensors").is_file()
+    assert (catalog.resolve(served.model_id).path / "adapter_model.safetensors").is_file()

@@ -314,7 +314,9 @@ def test_cached_adapters_keep_serving_while_mlflow_is_down(api: Process, world: 
 def test_a_restart_with_mlflow_down_serves_the_last_known_versions(world: World, tmp_path: Path):
     """The catalog a fresh server builds from disk alone, MLflow being unreachable."""
     settings = world.private(tmp_path)
-    AdapterCatalog(settings).refresh()  # leaves production.json and the cache behind
+    online = AdapterCatalog(settings)
+    online.refresh()  # leaves production.json behind
+    online.resolve(MODEL)  # and the adapter, downloaded on its first request
     offline = settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     catalog = AdapterCatalog(offline)
     catalog.refresh()
@@ -350,7 +352,7 @@ def test_a_model_deleted_from_the_registry_leaves_no_cached_copy(world: World, t
         grant(session, TEAM, "UGONE", "serving tests")  # served only while they consent
     catalog = AdapterCatalog(world.private(tmp_path))
     catalog.refresh()
-    assert (catalog.cache_dir / gone).is_dir() and catalog.resolve(f"{TEAM}/UGONE")
+    assert catalog.resolve(f"{TEAM}/UGONE") and (catalog.cache_dir / gone).is_dir()
 
     registry.client.delete_registered_model(gone)
     catalog.refresh()
@@ -371,7 +373,7 @@ def test_adapters_in_memory_are_bounded_least_recently_used_first(world: World, 
     engine = TransformersEngine(settings, base)
 
     async def ask_in_turn() -> None:
-        await engine.start([])
+        await engine.start()
         prompt = render(engine.tokenizer, QUESTION, generation=True)
         for adapter in (v1, v2, v2, v1):
             options = SamplingOptions(max_tokens=2, temperature=0)

@@ -22,8 +22,9 @@ from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import TrainConfig, default_config_path, load_train_config
 from doppel.train.encode import encode
 from doppel.train.run import train_user
-from doppel.train.trainer import last_complete_checkpoint, train_adapter
-from tests.helpers import TEAM, TINY, USER
+from doppel.train.schedule import Schedule, plan
+from doppel.train.trainer import last_complete_checkpoint, train_adapter, training_arguments
+from tests.helpers import REPO, TEAM, TINY, USER
 
 
 @pytest.fixture
@@ -167,3 +168,29 @@ def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path: Path) ->
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert not (tmp_path / "checkpoint-4").exists()
     assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
+def test_the_schedule_is_whole_steps_epochs_capped_or_exact_max_steps(tmp_path: Path) -> None:
+    gpu = load_train_config(REPO / "configs" / "qwen2.5-7b-qlora.yaml")
+    # 50 samples, 8 a step: 7 steps an epoch, 3 epochs; a fifth of the run between evals.
+    assert plan(gpu, 50) == Schedule(steps=21, warmup_steps=2, eval_steps=4)
+    assert plan(gpu, 2000) == Schedule(steps=750, warmup_steps=38, eval_steps=150)
+    assert plan(gpu, 10_000).steps == 800  # the step cap
+    # The CPU default: exactly max_steps, as before; the ratio rounded up as transformers does.
+    assert plan(TrainConfig(), 20) == Schedule(steps=16, warmup_steps=2, eval_steps=8)
+    args = training_arguments(TrainConfig(), tmp_path, 20, cuda=False)
+    # transformers 4 rejects a float warmup_steps; 5 would read 0.1 as a ratio.
+    assert type(args.warmup_steps) is int and args.warmup_steps == 2
+    assert (args.max_steps, args.eval_steps, args.save_steps) == (16, 8, 8)
+    assert args.optim == "adamw_torch_fused" and args.use_cpu and not (args.bf16 or args.fp16)
+
+
+@pytest.mark.parametrize("recipe", ["llama-3.1-8b-qlora.yaml", "qwen2.5-7b-qlora.yaml"])
+def test_the_gpu_recipes_checkpoint_page_and_evaluate_small_data(recipe: str) -> None:
+    config = load_train_config(REPO / "configs" / recipe)
+    assert config.quantization == "qlora" and config.gradient_checkpointing
+    assert config.optimizer == "paged_adamw_8bit"
+    for samples in (50, 2000):  # the typical person; every run is evaluated five times
+        schedule = plan(config, samples)
+        assert schedule.steps // schedule.eval_steps == 5
+        assert schedule.steps > config.early_stopping_patience * schedule.eval_steps

@@ -3,7 +3,9 @@
 Helpers outside Slack's API make the state easy to check: `GET /emulator/messages/{channel}`,
 `GET /emulator/requests`, `GET /emulator/oauth/authorize` (Slack's consent screen with
 "Allow" already clicked) and `/emulator/responses/{key}` (a slash command's
-`response_url`: POST to answer, GET to read the answers).
+`response_url`: POST to answer, GET to read the answers). With several workspaces, API
+calls go to the workspace of their token, and the helpers take `?team=T...` (default:
+the first workspace), as Slack's consent screen does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import binascii
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from devtools.emulator import methods  # noqa: F401  (registers the Web API methods)
-from devtools.emulator.state import Emulator, EmulatorConfig, LoggedRequest, Params, SlackError
+from devtools.emulator.state import (
+    Emulator,
+    EmulatorConfig,
+    LoggedRequest,
+    Params,
+    SlackError,
+    route,
+)
 from doppel.config import ExportSettings
 from doppel.slack.export import SlackExport, read_export
 
@@ -59,20 +68,22 @@ async def _request_params(request: Request) -> tuple[Params, str | None]:
 
 
 def _emulator(request: Request) -> Emulator:
-    emulator: Emulator = request.app.state.emulator
-    return emulator
+    """The workspace named by `?team=`, else the first."""
+    workspaces: list[Emulator] = request.app.state.emulators
+    team = request.query_params.get("team")
+    return next((w for w in workspaces if w.workspace_id == team), workspaces[0])
 
 
 @router.api_route("/api/{method}", methods=["GET", "POST"])
 async def web_api(method: str, request: Request) -> JSONResponse:
-    emulator = _emulator(request)
-    if emulator.config.latency_seconds > 0:
-        await asyncio.sleep(emulator.config.latency_seconds)
     try:
         params, token = await _request_params(request)
     except SlackError as error:
-        emulator.request_log.append(LoggedRequest(method, {}, error.status))
+        _emulator(request).request_log.append(LoggedRequest(method, {}, error.status))
         return JSONResponse({"ok": False, "error": error.error}, status_code=error.status)
+    emulator = route(request.app.state.emulators, params, token)
+    if emulator.config.latency_seconds > 0:
+        await asyncio.sleep(emulator.config.latency_seconds)
     reply = emulator.call(method, params, token)
     return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
@@ -122,10 +133,24 @@ async def logged_requests(request: Request) -> list[dict[str, Any]]:
     return [{"method": e.method, "status": e.status} for e in _emulator(request).request_log]
 
 
-def create_app(workspace: SlackExport, config: EmulatorConfig | None = None) -> FastAPI:
-    """The emulator app; its live state is `app.state.emulator` (an `Emulator`)."""
+def create_app(
+    workspace: SlackExport,
+    config: EmulatorConfig | None = None,
+    more: Iterable[tuple[SlackExport, EmulatorConfig]] = (),
+) -> FastAPI:
+    """The emulator app; its live state is `app.state.emulator` (an `Emulator`).
+
+    `more` adds workspaces, each with a config whose `tokens` are its own; they are all in
+    `app.state.emulators`, the first one first.
+    """
     app = FastAPI(title="Slack Web API emulator", docs_url=None, redoc_url=None)
-    app.state.emulator = Emulator(workspace, config or EmulatorConfig())
+    workspaces = [Emulator(workspace, config or EmulatorConfig())]
+    workspaces += [Emulator(export, its_config) for export, its_config in more]
+    ids = [w.workspace_id for w in workspaces]
+    tokens = [token for w in workspaces for token in w.tokens]
+    if len(set(ids)) < len(ids) or len(set(tokens)) < len(tokens):
+        raise ValueError(f"workspaces {ids} need distinct ids and tokens of their own")
+    app.state.emulator, app.state.emulators = workspaces[0], workspaces
     app.include_router(router)
     return app
 

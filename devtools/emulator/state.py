@@ -2,7 +2,10 @@
 
 Everything lives in memory and starts as a deep copy of an export, so posting never
 alters the caller's data. Method handlers register here (see `methods`), which lets
-`Emulator.call` answer a Web API call without the HTTP layer.
+`Emulator.call` answer a Web API call without the HTTP layer. One emulator can serve
+several workspaces, each an `Emulator` with tokens of its own: `route` sends a call to
+the workspace whose token it carries, as Slack does, so a token only ever reads the
+workspace it was issued for.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import random
 import secrets
 import time
 from bisect import insort
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
@@ -65,11 +68,12 @@ class Reply(NamedTuple):
 
 
 class LoggedRequest(NamedTuple):
-    """What the emulator was asked and how it answered, for tests to inspect."""
+    """What the emulator was asked, with which token, and how it answered, for tests."""
 
     method: str
     params: Params
     status: int
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,9 @@ class Emulator:
 
     def call(self, method: str, params: Params, token: str | None) -> Reply:
         """Answer one Web API call and log it."""
-        reply = self._answer(method, params, token or params.get("token"))
-        self.request_log.append(LoggedRequest(method, params, reply.status))
+        token = token or params.get("token")
+        reply = self._answer(method, params, token)
+        self.request_log.append(LoggedRequest(method, params, reply.status, token))
         return reply
 
     def _answer(self, method: str, params: Params, token: str | None) -> Reply:
@@ -347,3 +352,15 @@ class Emulator:
         token = f"{prefix}-{secrets.token_hex(12)}"
         self.tokens.add(token)
         return token
+
+
+def route(workspaces: Sequence[Emulator], params: Params, token: str | None) -> Emulator:
+    """The workspace a call is for: the one that issued its token (or, for
+    oauth.v2.access, its code); else the first, which answers as Slack does to a call
+    without a valid token."""
+    token = token or params.get("token")
+    code = params.get("code")
+    for workspace in workspaces:
+        if token in workspace.tokens or code in workspace.oauth_codes:
+            return workspace
+    return workspaces[0]

@@ -20,14 +20,13 @@ app.add_typer(dataset_app, name="dataset")
 @app.command()
 def users(workspace: WorkspaceOption = None, as_json: JsonFlag = False) -> None:
     """List users with their message counts and how many samples each would yield."""
-    from doppel.dataset.build import load_conversations, user_summaries
-    from doppel.store.lookup import message_counts, resolve_workspace
+    from doppel.dataset.counts import user_counts
+    from doppel.store.lookup import resolve_workspace
 
     settings = get_settings()
     with database(settings.db_url).session() as session:
-        ws = resolve_workspace(session, workspace)
-        loaded = load_conversations(session, ws, settings.dataset.gap_minutes)
-        rows = user_summaries(loaded, message_counts(session, ws.id), settings.dataset)
+        workspace_id = resolve_workspace(session, workspace).id
+    rows = user_counts(settings, workspace_id)
     table = Table("id", "name", "display name", "real name", "messages", "samples")
     for row in rows:
         flags = " (bot)" if row["is_bot"] else " (deleted)" if row["deleted"] else ""

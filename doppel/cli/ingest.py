@@ -29,6 +29,7 @@ def ingest_export(
     as_json: JsonFlag = False,
 ) -> None:
     """Import a Slack export in one transaction (re-importing changes nothing)."""
+    from doppel.dataset.counts import refresh_sample_counts
     from doppel.ingest import ingest_export as run
 
     settings = get_settings()
@@ -42,6 +43,8 @@ def ingest_export(
             max_bytes=settings.export.max_unzipped_mb * 2**20,
             limits=settings.export,
         )
+    with console.status("counting samples for 'doppel users'"):
+        refresh_sample_counts(settings, str(result["workspace"]))
     console.print(
         f"workspace {result['workspace']}: {result['channels']} channels, {result['users']} "
         f"users, {result['messages']} messages, {result['threads']} threads"
@@ -51,6 +54,14 @@ def ingest_export(
 
 @ingest_app.command("slack")
 def ingest_slack(
+    workspace: Annotated[
+        str | None,
+        typer.Option(
+            help="Workspace id (T...): read with its installation's token, or with "
+            "SLACK_BOT_TOKEN when it is that workspace's. Default: SLACK_BOT_TOKEN's "
+            "workspace, or the only one the app is installed in."
+        ),
+    ] = None,
     channel: Annotated[
         list[str] | None, typer.Option("--channel", help="Only these channels (name or id).")
     ] = None,
@@ -62,10 +73,15 @@ def ingest_slack(
     as_json: JsonFlag = False,
 ) -> None:
     """Scrape through the Slack Web API: incremental, resumable and rate-limited."""
-    prefect_env(get_settings())
+    from doppel.slack.tokens import require_token
+
+    settings = get_settings()
+    require_token(settings, database(settings.db_url).engine, workspace)  # before Prefect starts
+    prefect_env(settings)
     from flows.ingest import ingest_flow
 
     result = ingest_flow(
+        workspace=workspace,
         channels=channel or None,
         include_archived=include_archived,
         include_private=include_private,

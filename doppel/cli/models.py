@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from doppel.cli.common import JsonFlag, UserOption, WorkspaceOption, app, emit, 
 from doppel.config import get_settings
 from doppel.errors import DoppelError
 from doppel.progress import console
+
+SLACK_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")  # U0123ABC; W... on Enterprise Grid
 
 
 def _person(user: str, workspace: str | None) -> tuple[str, str]:
@@ -136,7 +139,10 @@ def pipeline(
     if user:  # refuse before Prefect starts (the flow checks again, for deployments)
         from doppel.consent import require_consent
 
-        require_consent(settings, *_person(user, workspace))
+        # Ids as given (the Slack app's way) need no store lookup, so a workspace installed
+        # by OAuth trains before its first ingest: the flow ingests it first.
+        given = (workspace, user) if workspace and SLACK_USER_ID.fullmatch(user) else None
+        require_consent(settings, *(given or _person(user, workspace)))
     prefect_env(settings)
     from flows.pipeline import retrain_flow, user_pipeline_flow
 

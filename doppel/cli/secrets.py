@@ -20,8 +20,8 @@ app.add_typer(secrets_app, name="secrets")
 @secrets_app.command("rotate")
 def rotate(as_json: JsonFlag = False) -> None:
     """Re-encrypt every stored Slack token with the first key in DOPPEL_SECRET_KEY."""
+    from doppel.slack.installations import rotate_tokens
     from doppel.store.database import database
-    from serving.slack.installations import rotate_tokens
 
     settings = get_settings()
     rotation = rotate_tokens(database(settings.db_url).engine, settings.secret_key)

@@ -1,7 +1,9 @@
 """Evaluate a registered version against the base model and production, then gate it.
 
 Everything the evaluation needs (the adapter, the recipe and the validation split)
-comes back from MLflow, so it runs on any worker, with no shared disk.
+comes back from MLflow, so it runs on any worker, with no shared disk. The base model is
+loaded in the precision serving uses (`evaluate.precision`), and production is only
+compared when it was trained on the candidate's base: an adapter does not load on another.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from peft import PeftModel
 
 from doppel.config import Settings
 from doppel.errors import DoppelError
-from doppel.evaluate.gate import Decision, decide
+from doppel.evaluate.gate import Bases, Decision, decide
 from doppel.evaluate.nll import mean_nll
+from doppel.evaluate.precision import evaluation_precision, load_base
 from doppel.evaluate.style import generate_replies, style_metrics
+from doppel.persona import PersonaCard
 from doppel.registry import CHALLENGER, Registry, model_name
-from doppel.train.base_model import load_model, load_tokenizer, resolve_base_model, use_qlora
+from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import TrainConfig
 from doppel.train.encode import encode_dataset
 
@@ -35,6 +39,7 @@ class Evaluation:
     version: str
     metrics: dict[str, float]
     decision: Decision
+    precision: str  # what the base model was scored in, e.g. bfloat16
     examples: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -65,6 +70,7 @@ def evaluate_version(
     if production is not None and str(production.version) == str(candidate.version):
         production = None  # scoring production against itself says nothing
 
+    precision = evaluation_precision(settings)
     with tempfile.TemporaryDirectory(prefix="doppel-eval-") as scratch:
         run = Path(mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="", dst_path=scratch
@@ -72,14 +78,20 @@ def evaluate_version(
         config = TrainConfig(**json.loads((run / "config.json").read_text()))
         validation = load_from_disk(str(run / "dataset"))["validation"]
         adapters = {"candidate": run / "adapter"}
+        bases = Bases(config.base_model, settings.serve.base_model)
         if production is not None:
-            adapters["production"] = registry.download_adapter(
+            adapter = registry.download_adapter(
                 name, production.version, Path(scratch) / "production"
             )
-        metrics, examples = _score(settings, config, validation, adapters)
+            bases = Bases(bases.candidate, bases.served, PersonaCard.read(adapter).base_model)
+            if bases.production == bases.candidate:
+                adapters["production"] = adapter
+        metrics, examples = _score(settings, config, validation, adapters, precision)
 
-    decision = decide(metrics, production.version if production else None, config.gate)
-    _log(run_id, metrics, examples)
+    decision = decide(
+        metrics, production.version if production else None, config.gate, bases, precision
+    )
+    _log(run_id, metrics, examples, precision)
     check()  # before the gate: an opt-out during evaluation promotes nothing
     if gate:
         if decision.promote:
@@ -87,7 +99,7 @@ def evaluate_version(
         else:
             registry.record_decision(name, candidate.version, "rejected", decision.reason)
         check()  # after it too: a revoke that raced with the promotion is finished here
-    return Evaluation(name, str(candidate.version), metrics, decision, examples)
+    return Evaluation(name, str(candidate.version), metrics, decision, precision, examples)
 
 
 def _challenger(registry: Registry, name: str) -> str:
@@ -105,15 +117,14 @@ def _score(
     config: TrainConfig,
     validation: Any,
     adapters: dict[str, Path],
+    precision: str,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Same validation tokens through base, candidate and production; style on generations."""
     base_path = resolve_base_model(config.base_model, settings.models_dir)
     tokenizer = load_tokenizer(base_path)
     encoded = encode_dataset(validation, tokenizer, config.max_length)
     model = PeftModel.from_pretrained(
-        load_model(base_path, use_qlora(config.quantization)),
-        str(adapters["candidate"]),
-        adapter_name="candidate",
+        load_base(base_path, precision), str(adapters["candidate"]), adapter_name="candidate"
     )
     if "production" in adapters:
         model.load_adapter(str(adapters["production"]), adapter_name="production")
@@ -153,10 +164,14 @@ def _score(
     return metrics, examples
 
 
-def _log(run_id: str, metrics: dict[str, float], examples: list[dict[str, str]]) -> None:
-    """Metrics, a table of replies and a comparison chart, on the version's training run."""
+def _log(
+    run_id: str, metrics: dict[str, float], examples: list[dict[str, str]], precision: str
+) -> None:
+    """Metrics, a table of replies and a comparison chart, on the version's training run;
+    the precision as a tag, since a version may be evaluated again in another one."""
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
+        mlflow.set_tag("eval.precision", precision)
         if examples:
             mlflow.log_table(
                 {key: [row[key] for row in examples] for key in examples[0]},

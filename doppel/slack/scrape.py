@@ -41,14 +41,9 @@ class ChannelUnavailable(DoppelError):
     """A channel we may not read: gone, private, or the bot is not a member."""
 
 
-def make_client(settings: Settings) -> WebClient:
-    """A slack-sdk client that retries dropped connections, 5xx and 429 (honouring Retry-After)."""
-    token = settings.slack_user_token or settings.slack_bot_token
-    if not token:
-        raise DoppelError(
-            "no Slack token configured",
-            "set SLACK_BOT_TOKEN (xoxb-...) or SLACK_USER_TOKEN (xoxp-...)",
-        )
+def make_client(settings: Settings, token: str) -> WebClient:
+    """A slack-sdk client that retries dropped connections, 5xx and 429 (honouring
+    Retry-After). Which token reads which workspace is `doppel.slack.tokens`' business."""
     retries = settings.slack.max_retries
     return WebClient(
         token=token,
@@ -100,7 +95,8 @@ class SlackScraper:
             if code in AUTH_ERRORS:
                 raise DoppelError(
                     f"Slack rejected the token ({code}) calling {method}",
-                    "check SLACK_BOT_TOKEN / SLACK_USER_TOKEN and SLACK_API_URL",
+                    "check SLACK_BOT_TOKEN / SLACK_USER_TOKEN and SLACK_API_URL, or reinstall "
+                    "the app in the workspace (OAuth)",
                 ) from None
             if code in CHANNEL_ERRORS:
                 raise ChannelUnavailable(
@@ -121,9 +117,16 @@ class SlackScraper:
 
     # -- workspace, channels, users --------------------------------------------------
 
-    def connect(self) -> str:
-        """Check the token and record the workspace it belongs to."""
+    def connect(self, expected: str | None = None) -> str:
+        """Check the token and record the workspace it belongs to, which must be `expected`
+        when given: a workspace is never read with another's token."""
         identity = self._call("auth.test")
+        if expected is not None and identity["team_id"] != expected:
+            raise DoppelError(
+                f"the Slack token given for workspace {expected} belongs to workspace "
+                f"{identity['team_id']}",
+                f"install the app in {expected}, or set SLACK_BOT_TOKEN to a token of it",
+            )
         self.workspace_id = identity["team_id"]
         with self.db.transaction() as session:
             save_workspace(session, self.workspace_id, identity.get("team"))

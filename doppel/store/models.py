@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -26,6 +26,9 @@ class Workspace(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # Slack's team_id
     name: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Goes up with every write of its messages, users or channels (`store.records`), so
+    # that what was computed from them (`SampleCounts`) knows when it is out of date.
+    data_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Channel(Base):
@@ -92,6 +95,23 @@ class ScrapeCursor(Base):
     run_from: Mapped[str | None] = mapped_column(String(32))
     run_newest: Mapped[str | None] = mapped_column(String(32))
     run_before: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SampleCounts(Base):
+    """Each person's sample count, as a dataset build would find it, for `doppel users`.
+
+    Counting means segmenting the whole workspace, which takes half a minute at 1M
+    messages, so it is done after each ingest and kept here with the `fingerprint` of
+    everything it depends on (the workspace's `data_version`, the dataset rules, who opted
+    out); a stale row is never read (`doppel.dataset.counts`).
+    """
+
+    __tablename__ = "sample_counts"
+
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    counts: Mapped[dict[str, int]] = mapped_column(JSON)  # user id -> samples
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

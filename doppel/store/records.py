@@ -1,13 +1,16 @@
 """Slack-shaped dicts (from the Web API or an export) to store rows, and their upserts.
 
 Both ingestion paths go through these functions, so a workspace read from an export
-and the same workspace scraped over the API end up as identical rows.
+and the same workspace scraped over the API end up as identical rows. Each write of
+messages, users or channels also raises the workspace's `data_version`, in the same
+transaction, so what was computed from the old rows is known to be stale.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from doppel.store.database import upsert
@@ -89,6 +92,7 @@ def save_workspace(session: Session, workspace_id: str, name: str | None) -> Non
 def save_channels(session: Session, workspace_id: str, channels: list[SlackDict]) -> None:
     rows = [channel_row(workspace_id, channel) for channel in channels]
     upsert(session, Channel, rows, ["name", "kind", "is_archived", "topic", "purpose"])
+    _changed(session, workspace_id, rows)
 
 
 def save_users(session: Session, workspace_id: str, users: list[SlackDict]) -> None:
@@ -99,6 +103,7 @@ def save_users(session: Session, workspace_id: str, users: list[SlackDict]) -> N
         rows,
         ["name", "display_name", "real_name", "is_bot", "deleted", "avatar_url"],
     )
+    _changed(session, workspace_id, rows)
 
 
 def save_messages(
@@ -107,3 +112,14 @@ def save_messages(
     """Upsert on (workspace, channel, ts): re-ingesting is a no-op, edits update the text."""
     rows = [message_row(workspace_id, channel_id, message) for message in messages]
     upsert(session, Message, rows, MESSAGE_FIELDS)
+    _changed(session, workspace_id, rows)
+
+
+def _changed(session: Session, workspace_id: str, rows: list[dict[str, Any]]) -> None:
+    """Raise the workspace's `data_version` when rows were written."""
+    if rows:
+        session.execute(
+            update(Workspace)
+            .where(Workspace.id == workspace_id)
+            .values(data_version=Workspace.data_version + 1)
+        )

@@ -17,7 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, func, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, func, inspect, select
 
 from doppel.errors import DoppelError
 from doppel.store.models import Base
@@ -28,6 +28,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "doppel_alembic_version"
 # slack-sdk creates and owns its OAuth tables on the same database (serving/slack/installations).
 SLACK_SDK_TABLES = frozenset({"slack_installations", "slack_bots", "slack_oauth_states"})
+# What DoppelBot's engine created straight from the models before it had migrations.
+PRE_MIGRATION_REVISION = "0001"
 # Serializes upgrades across processes on one PostgreSQL database ("doppel" in ASCII).
 PG_LOCK_ID = 0x646F7070656C
 
@@ -63,13 +65,15 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     """Migrate the database to the newest revision; returns its revision before and after.
 
     Safe when several processes start at once (see `_exclusive`). A database whose tables
-    DoppelBot created straight from the models, before it had migrations, is stamped.
+    DoppelBot created straight from the models, before it had migrations, is stamped with
+    the revision its tables match, then upgraded from there.
     """
     with _exclusive(engine) as connection:
         before = _revision(connection)
         config = alembic_config(connection)
-        if before is None and _pre_migration_store(connection):
-            command.stamp(config, "head")
+        stamp = _pre_migration_revision(connection) if before is None else None
+        if stamp is not None:
+            command.stamp(config, stamp)
         command.upgrade(config, "head")
         return before, _revision(connection)
 
@@ -106,12 +110,30 @@ def _exclusive(engine: Engine) -> Iterator[Connection]:
             yield connection
 
 
-def _pre_migration_store(connection: Connection) -> bool:
-    """Whether the database holds our tables without migration history, checked to be
-    exactly today's models, as DoppelBot created them before it had migrations."""
+def _pre_migration_revision(connection: Connection) -> str | None:
+    """The revision a database with our tables but no migration history is at: "head" when
+    its tables are exactly today's models, PRE_MIGRATION_REVISION when they are exactly
+    what DoppelBot created from its models before it had migrations; None without our
+    tables. Anything else is refused untouched."""
     ours = set(inspect(connection).get_table_names()) & set(Base.metadata.tables)
     if not ours:
-        return False
+        return None
+    differences = _differences(connection)
+    if not differences:
+        return "head"
+    if _shapes(differences) == _shapes(_differences_at(PRE_MIGRATION_REVISION)):
+        return PRE_MIGRATION_REVISION
+    shown = "; ".join(str(change)[:160] for change in differences[:3])
+    raise DoppelError(
+        f"the database has DoppelBot tables ({', '.join(sorted(ours))}) but no migration "
+        f"history, and they differ from the models in {len(differences)} ways: {shown}",
+        "point DATABASE_URL at a new database, or bring these tables to the models' "
+        "schema by hand; `doppel db upgrade` then records the revision",
+    )
+
+
+def _differences(connection: Connection) -> list[Any]:
+    """How the database's tables differ from today's models (other tables left out)."""
 
     def ours_only(obj: Any, name: str | None, type_: str, reflected: bool, to: Any) -> bool:
         is_foreign_table = type_ == "table" and reflected and to is None
@@ -125,13 +147,29 @@ def _pre_migration_store(connection: Connection) -> bool:
             "compare_server_default": True,
         },
     )
-    differences = compare_metadata(context, Base.metadata)
-    if differences:
-        shown = "; ".join(str(change)[:160] for change in differences[:3])
-        raise DoppelError(
-            f"the database has DoppelBot tables ({', '.join(sorted(ours))}) but no migration "
-            f"history, and they differ from the models in {len(differences)} ways: {shown}",
-            "point DATABASE_URL at a new database, or bring these tables to the models' "
-            "schema by hand; `doppel db upgrade` then records the revision",
-        )
-    return True
+    return list(compare_metadata(context, Base.metadata))
+
+
+def _differences_at(revision: str) -> list[Any]:
+    """How a database migrated to `revision` differs from today's models, found by
+    migrating a scratch in-memory SQLite database."""
+    scratch = create_engine("sqlite://")
+    try:
+        with scratch.begin() as connection:
+            command.upgrade(alembic_config(connection), revision)
+            return _differences(connection)
+    finally:
+        scratch.dispose()
+
+
+def _shapes(differences: list[Any]) -> set[tuple]:
+    """Differences by what they change (operation, table, column or index), leaving out
+    dialect details, so that a PostgreSQL database compares with the SQLite scratch."""
+
+    def shape(change: Any) -> tuple:
+        if isinstance(change, list):  # modify_* changes of one column come grouped
+            return tuple(shape(part) for part in change)
+        operation, *args = change
+        return (operation, *(getattr(arg, "name", arg) for arg in args[:3]))
+
+    return {shape(change) for change in differences}

@@ -16,7 +16,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -24,6 +23,7 @@ from transformers import (
 from doppel.errors import DoppelError
 from doppel.progress import console
 from doppel.train.config import BUNDLED_MODEL
+from doppel.train.device import model_dtype, require_bitsandbytes
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_FOLDER = "SmolLM2-135M-Instruct"
@@ -54,6 +54,9 @@ def bundled_model(models_dir: Path) -> Path:
     target = models_dir / BUNDLED_FOLDER
     if (target / "model.safetensors").is_file():
         return target
+    # Here only: transformers before 5 has no GgufConfig, and serving imports this module.
+    from transformers import GgufConfig
+
     gguf_dir = _bundled_gguf_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_FOLDER}.", dir=target.parent))
@@ -98,18 +101,27 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def use_qlora(quantization: str) -> bool:
-    """QLoRA on CUDA; plain LoRA on CPU, where 4-bit is no faster and can freeze the loss."""
-    if quantization == "qlora" and not torch.cuda.is_available():
+def use_qlora(quantization: str, cuda: bool | None = None) -> bool:
+    """QLoRA on CUDA; plain LoRA on CPU, where 4-bit is no faster and can freeze the loss.
+
+    `cuda` defaults to whether this machine has a GPU. QLoRA without bitsandbytes fails here,
+    before any model loads."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if quantization == "qlora" and not cuda:
         raise DoppelError(
             "quantization: qlora needs a CUDA GPU",
             "use quantization: auto (LoRA on CPU) or run on a GPU worker",
         )
-    return quantization == "qlora" or (quantization == "auto" and torch.cuda.is_available())
+    qlora = quantization == "qlora" or (quantization == "auto" and cuda)
+    if qlora:
+        require_bitsandbytes(f"quantization: {quantization} (QLoRA on CUDA)", "quantization: none")
+    return qlora
 
 
 def load_model(path: str, qlora: bool) -> PreTrainedModel:
-    """The base model for training or evaluation: 4-bit NF4 for QLoRA, else full precision."""
+    """The base model for training, evaluation or serving: 4-bit NF4 for QLoRA, else full
+    weights, in this machine's `model_dtype` (bf16, or fp16 on pre-Ampere GPUs; fp32 on CPU)."""
+    dtype = model_dtype()
     if qlora:
         from transformers import BitsAndBytesConfig
 
@@ -117,12 +129,11 @@ def load_model(path: str, qlora: bool) -> PreTrainedModel:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
         )
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+            path, quantization_config=quantization, dtype=dtype, device_map={"": 0}
         )
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if not torch.cuda.is_available():
         return model

@@ -16,6 +16,10 @@ from doppel.config import REPO_CONFIGS, Section, explain
 from doppel.errors import DoppelError
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
+# transformers' names. The paged 8-bit AdamW keeps its states in 8 bits (a quarter of the
+# memory of 32-bit ones) and pages them to host memory when a long batch spikes the GPU.
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+BITSANDBYTES_OPTIMIZERS = frozenset({"adamw_8bit", "paged_adamw_8bit"})
 
 
 class LoraConfig(Section):
@@ -50,12 +54,14 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)  # of the run's steps, rounded up
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = 16  # > 0 caps the run (epochs then only bound it); -1 = epochs decide
-    eval_steps: int = Field(8, ge=1)
-    early_stopping_patience: int = Field(3, ge=1)
+    max_steps: int = 16  # > 0: exactly this many steps, epochs ignored; -1: epochs decide
+    step_cap: int | None = Field(None, ge=1)  # with max_steps -1: at most this many steps
+    eval_steps: int | float = Field(8, gt=0)  # >= 1: every this many steps; < 1: of the run
+    early_stopping_patience: int = Field(3, ge=1)  # evaluations without a better eval loss
     gradient_checkpointing: bool = False  # trades compute for memory; GPUs need it
+    optimizer: Optimizer = "adamw_torch_fused"  # the 8-bit and paged ones need bitsandbytes
     seed: int = 42
     min_train_samples: int = Field(8, ge=1)
     eval: EvalConfig = EvalConfig()

@@ -1,9 +1,10 @@
 """One LoRA adapter from one user's dataset, with TRL's SFTTrainer (no hand-written loop).
 
 The recipe: tokenize with the base model's chat template (loss on the final assistant
-turn only), wrap the base in LoRA (QLoRA on CUDA), train with a warmup ratio, evaluate
-every `eval_steps`, stop early when validation loss stops improving, keep the best
-checkpoint, and save a standard PEFT adapter folder that PEFT and vLLM both load.
+turn only), wrap the base in LoRA (QLoRA on CUDA), train in bf16 (fp16 on pre-Ampere GPUs,
+fp32 on CPU) for a schedule of whole steps (`schedule.py`) with a warmup, evaluate every
+`eval_steps`, stop early when validation loss stops improving, keep the best checkpoint,
+and save a standard PEFT adapter folder that PEFT and vLLM both load.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from trl import SFTConfig, SFTTrainer
 
 from doppel.train.base_model import load_model, load_tokenizer, use_qlora
 from doppel.train.config import TrainConfig
+from doppel.train.device import model_dtype, require_optimizer
 from doppel.train.encode import encode_dataset
+from doppel.train.schedule import plan
 
 ADAPTER_DIR = "adapter"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last in each checkpoint
@@ -46,7 +49,9 @@ def train_adapter(
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Train (or resume) an adapter in `output_dir`; the adapter lands in `output_dir/adapter`."""
-    qlora = use_qlora(config.quantization)
+    cuda = torch.cuda.is_available()
+    qlora = use_qlora(config.quantization, cuda)
+    require_optimizer(config.optimizer, cuda)  # before the model loads, not at the first step
     tokenizer = load_tokenizer(base_path)
     train = encode_dataset(dataset["train"], tokenizer, config.max_length)
     validation = encode_dataset(dataset["validation"], tokenizer, config.max_length)
@@ -55,39 +60,9 @@ def train_adapter(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=1,
-        seed=config.seed,
-        data_seed=config.seed,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=config.max_length,
-        bf16=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        report_to=[],  # the recipe logs to MLflow itself, with the names it wants
-        disable_tqdm=False,
-    )
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=training_arguments(config, output_dir, len(train), cuda),
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
@@ -114,6 +89,46 @@ def train_adapter(
         resumed_from=resume,
         train_tokens=tokens,
         history=list(trainer.state.log_history),
+    )
+
+
+def training_arguments(
+    config: TrainConfig, output_dir: Path, train_samples: int, cuda: bool
+) -> SFTConfig:
+    """The Trainer's arguments: the recipe, its schedule in whole steps, this machine's dtype."""
+    schedule = plan(config, train_samples)
+    dtype = model_dtype(cuda)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=schedule.warmup_steps,
+        num_train_epochs=config.epochs,
+        max_steps=schedule.steps,
+        optim=config.optimizer,
+        eval_strategy="steps",
+        eval_steps=schedule.eval_steps,
+        save_strategy="steps",
+        save_steps=schedule.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=1,
+        seed=config.seed,
+        data_seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=config.max_length,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        report_to=[],  # the recipe logs to MLflow itself, with the names it wants
+        disable_tqdm=False,
     )
 
 

@@ -45,8 +45,9 @@ class Engine(Protocol):
     name: str
     stats: AdapterStats
 
-    async def start(self, adapters: list[Adapter]) -> None:
-        """Load the base model; `adapters` are the ones known at start (vLLM sizes for them)."""
+    async def start(self) -> None:
+        """Load the base model. Adapters come later, each on its first request (`generate`
+        reads `adapter.path`, which the catalog holds on disk until the request ends)."""
 
     def generate(
         self, request_id: str, prompt: list[int], adapter: Adapter | None, options: SamplingOptions

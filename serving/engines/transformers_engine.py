@@ -66,7 +66,7 @@ class TransformersEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    async def start(self, adapters: list[Adapter]) -> None:
+    async def start(self) -> None:
         def load() -> None:
             self.tokenizer = load_tokenizer(self.base_path)
             self.model = load_model(self.base_path, qlora=False).eval()

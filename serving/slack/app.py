@@ -203,6 +203,6 @@ def standalone_app(settings: Settings, serving_url: str | None = None) -> FastAP
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        return {"status": "ok", "model_api": redact_url(model.base_url)}
+        return {"status": "ok", "model_api": ", ".join(map(redact_url, model.base_urls))}
 
     return app

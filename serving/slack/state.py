@@ -1,6 +1,8 @@
 """What the Slack app keeps per workspace: active personas, limits, handled events and
 training requests. Every function takes the workspace id, and every query filters on it:
-one workspace never reads another's state.
+one workspace never reads another's state. The exceptions serve the training queue,
+which is shared by every workspace so that it can be fair between them: they read
+request ids and statuses, never what a workspace said.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,7 +28,8 @@ from doppel.store.models import (
 WORKSPACE_WIDE = "*"  # the `channel_id` of a workspace's default persona
 EVENT_MEMORY = timedelta(days=1)  # Slack retries for minutes; a day is plenty
 PERSONA_FIELDS = ("user_id", "set_by", "set_at")
-OPEN, CANCELLED = ("queued", "running"), "cancelled"  # training request statuses
+QUEUED, RUNNING, CANCELLED = "queued", "running", "cancelled"  # training request statuses
+OPEN = (QUEUED, RUNNING)  # then "done" or "failed", unless cancelled
 
 
 # -- personas -----------------------------------------------------------------------------
@@ -164,6 +167,55 @@ def cancel_training_requests(
         for row in rows:
             row.status, row.detail, row.finished_at = CANCELLED, "consent withdrawn", utcnow()
         return {row.id: row.flow_run for row in rows}
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A queued training request, as the trainer's fair choice needs it."""
+
+    id: int
+    workspace_id: str
+    flow_run: str | None  # a Prefect flow run it started before the Slack app restarted
+
+
+def waiting_training_requests(db: Database) -> list[Waiting]:
+    """Every queued training request of every workspace, oldest first."""
+    with db.session() as session:
+        rows = session.execute(
+            select(TrainingRequest.id, TrainingRequest.workspace_id, TrainingRequest.flow_run)
+            .where(TrainingRequest.status == QUEUED)
+            .order_by(TrainingRequest.id)
+        )
+        return [Waiting(row.id, row.workspace_id, row.flow_run) for row in rows]
+
+
+def claim_training_request(db: Database, request_id: int) -> TrainingRequest | None:
+    """Mark a queued request running, if it is still queued; None if it is not.
+
+    One conditional UPDATE decides, so of two trainers that pick the same request (two
+    replicas, or an app and the one that replaces it) exactly one runs it, and a request
+    cancelled meanwhile is never started.
+    """
+    with db.transaction() as session:
+        claimed = session.execute(
+            update(TrainingRequest)
+            .where(TrainingRequest.id == request_id, TrainingRequest.status == QUEUED)
+            .values(status=RUNNING)
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        return session.get(TrainingRequest, request_id)
+
+
+def training_statuses(db: Database, request_ids: list[int]) -> dict[int, str]:
+    with db.session() as session:
+        rows = session.execute(
+            select(TrainingRequest.id, TrainingRequest.status).where(
+                TrainingRequest.id.in_(request_ids)
+            )
+        )
+        return {row.id: row.status for row in rows}
 
 
 def training_cancelled(db: Database, request_id: int) -> bool:
