@@ -302,26 +302,39 @@ class Registry:
         for model in registered:
             workspace, user_id = owner(model.tags)
             production = model.aliases.get(PRODUCTION)
+            versions = _with_aliases(by_name[model.name], model.aliases)
             result.append(
                 {
                     "name": model.name,
                     "workspace_id": workspace,
                     "user_id": user_id,
                     "production": int(production) if production is not None else None,
+                    "not_served": self._not_served(versions, production),
                     "versions": [
                         {
                             "version": int(mv.version),
                             "aliases": sorted(mv.aliases),
                             "run_id": mv.run_id,
+                            "base_model": mv.tags.get("base_model"),
                             "metrics": metrics.get(mv.run_id, {}) if mv.run_id else {},
                             "decision": mv.tags.get("decision"),
                             "reason": mv.tags.get("reason"),
                         }
-                        for mv in _with_aliases(by_name[model.name], model.aliases)
+                        for mv in versions
                     ],
                 }
             )
         return sorted(result, key=lambda model: model["name"])
+
+    def _not_served(self, versions: list[ModelVersion], production: object) -> str | None:
+        """Why serving cannot serve the production version: it was trained on another base
+        than `serve.base_model` (serving says the same in /readyz's `not_served`)."""
+        served = self.settings.serve.base_model
+        for mv in versions:
+            base = mv.tags.get("base_model")
+            if str(mv.version) == str(production) and base is not None and base != served:
+                return f"version {production} was trained on {base}, but serving serves {served}"
+        return None
 
 
 def _pages(search: Callable[[str | None], PagedList[T]]) -> Iterator[PagedList[T]]:

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from doppel.config import Settings, load_settings
+from doppel.consent import grant
 from doppel.dataset.build import build_dataset
 from doppel.evaluate.gate import Bases, decide
 from doppel.evaluate.precision import evaluation_precision, serving_precision
@@ -21,6 +22,7 @@ from doppel.store.database import Database
 from doppel.train.base_model import load_tokenizer, resolve_base_model
 from doppel.train.config import BUNDLED_MODEL, GateConfig, load_train_config
 from doppel.train.run import train_user
+from serving.catalog import AdapterCatalog
 from serving.engines import vllm_available
 from tests.helpers import TEAM, TINY, USER
 
@@ -127,10 +129,26 @@ def test_a_candidate_on_another_base_is_gated_against_its_base_model(
     assert str(registry.production(NAME).version) == "1"
     assert registry.version(NAME, candidate.version).tags["decision"] == "rejected"
 
-    # The operator moves serving to the new base: now the base model is the bar to clear.
+    # The operator moves serving to the new base: production v1 cannot be served there, and
+    # both the server's status (/readyz) and `doppel models` say why.
     moved = settings.model_copy(
         update={"serve": settings.serve.model_copy(update={"base_model": llama})}
     )
+    why = f"version 1 was trained on {BUNDLED_MODEL}, but serving serves {llama}"
+    (listed,) = Registry(moved).models(TEAM)
+    assert listed["not_served"] == why and Registry(settings).models(TEAM)[0]["not_served"] is None
+    assert [v["base_model"] for v in listed["versions"]] == [BUNDLED_MODEL, llama]
+    with Database(settings.db_url).transaction() as session:
+        grant(session, TEAM, USER, "gate test")  # serving serves only people who consent
+    catalog = AdapterCatalog(moved)
+    catalog.refresh()
+    catalog.prefetch(limit=4)
+    assert (
+        f"{NAME} version 1 was trained on {BUNDLED_MODEL}, but this server serves {llama}"
+        in (catalog.status()["not_served"][f"{TEAM}/{USER}"])
+    )
+
+    # Now the base model is the bar to clear.
     gated = evaluate_version(moved, TEAM, USER, candidate.version)
     assert gated.metrics["eval_loss"] < gated.metrics["base_eval_loss"] * 0.98, gated.metrics
     assert gated.decision.promote, gated.decision.reason

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from doppel.config import Settings
 from doppel.consent import grant
 from doppel.dataset.build import build_dataset
-from doppel.errors import DoppelError
 from doppel.evaluate.precision import serving_precision
 from doppel.evaluate.run import evaluate_version
 from doppel.ingest import ingest_export
@@ -83,17 +82,9 @@ async def first_reply(engine: TransformersEngine, prompt: list[int], adapter) ->
         await engine.close()
 
 
-@pytest.mark.xfail(
-    raises=DoppelError,
-    strict=True,
-    reason="doppel/train/base_model.py refuses quantization: qlora without CUDA and loads 4-bit "
-    "models on cuda:0 only; the change that lets this pass is reported to doppel/train's owner",
-)
 def test_qlora_trains_evaluates_registers_and_serves_on_cpu(
     settings: Settings, synth_zip: Path, tmp_path: Path
 ) -> None:
-    # Not skip_or_fail: `make install` does not install bitsandbytes yet (the GPU set does).
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (it runs NF4 on CPU)")
     dataset = small_dataset(settings, synth_zip, tmp_path / "dataset")
 
     trained = train_user(settings, TEAM, USER, dataset, load_train_config(None, **RECIPE))

@@ -269,7 +269,9 @@ def test_the_stack_trains_serves_answers_and_forgets(stack: Stack) -> None:
     assert (calls.count("chat.postMessage"), calls.count("chat.update")) == (1, 1), calls
     timings["answered"] = time.monotonic() - began
 
-    # 6. A revoke stops both replicas at once: each answers 404 within 2 s of it.
+    # 6. A revoke stops both replicas at once: no request begun 2 s after it is answered.
+    # Each replica is asked again and again; a request's start time is what counts, since
+    # an answered one spends most of its time generating.
     revoke = subprocess.Popen(
         [sys.executable, "-m", "doppel.cli", "consent", "revoke", PERSONA, "--workspace", TEAM],
         cwd=REPO,
@@ -278,12 +280,16 @@ def test_the_stack_trains_serves_answers_and_forgets(stack: Stack) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    refused: dict[str, float] = {}
+    refused: set[str] = set()
+    last_answered = dict.fromkeys(stack.replicas, 0.0)  # when the last 200 was asked for
     deadline = time.monotonic() + 180
     while len(refused) < len(stack.replicas) and time.monotonic() < deadline:
-        for replica in set(stack.replicas) - set(refused):
+        for replica in set(stack.replicas) - refused:
+            asked = time.time()
             if stack.chat(replica, max_tokens=1).status_code == 404:
-                refused[replica] = time.time()
+                refused.add(replica)
+            else:
+                last_answered[replica] = asked
     output, _ = revoke.communicate(timeout=180)
     assert revoke.returncode == 0, output
     database = Database(stack.env["DATABASE_URL"])
@@ -292,8 +298,9 @@ def test_the_stack_trains_serves_answers_and_forgets(stack: Stack) -> None:
     database.dispose()
     assert not consent.granted
     withdrawn = consent.changed_at.timestamp()
-    lags = {replica: at - withdrawn for replica, at in refused.items()}
-    assert len(lags) == 2 and all(lag <= 2.0 for lag in lags.values()), lags
+    assert refused == set(stack.replicas)
+    lags = {replica: asked - withdrawn for replica, asked in last_answered.items()}
+    assert all(lag <= 2.0 for lag in lags.values()), lags
     for replica in stack.replicas:
         assert stack.chat(replica).json()["error"]["type"] == "model_not_found"
     timings["revoked"] = time.monotonic() - began
@@ -303,7 +310,7 @@ def test_the_stack_trains_serves_answers_and_forgets(stack: Stack) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already running") == 7, again.stdout
     print("stack timings (s from the first step):", {k: round(v) for k, v in timings.items()})
-    print("revoke to 404 (s):", {k: round(v, 2) for k, v in lags.items()})
+    print("last answered request, s after the revoke:", {k: round(v, 2) for k, v in lags.items()})
 
 
 def test_down_stops_what_up_started_and_nothing_else(stack: Stack) -> None:

@@ -120,6 +120,9 @@ def models(workspace: WorkspaceOption = None, as_json: JsonFlag = False) -> None
                 v["decision"] or "",
             )
     console.print(table)
+    for model in rows:
+        if model["not_served"]:
+            console.print(f"not served: {model['name']} {model['not_served']}")
     emit(rows, as_json)
 
 

@@ -9,6 +9,7 @@ people will talk to, so evaluation loads the base the way serving does unless
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -17,6 +18,8 @@ from doppel.config import Settings
 from doppel.train.base_model import load_model
 from doppel.train.device import model_dtype
 
+Precision = Literal["bfloat16", "float16", "float32"]  # the names torch and vLLM share
+
 
 def evaluation_precision(settings: Settings) -> str:
     """`evaluate.precision`, with "serve" resolved to what serving computes in."""
@@ -24,7 +27,7 @@ def evaluation_precision(settings: Settings) -> str:
     return serving_precision(settings.serve.engine) if chosen == "serve" else chosen
 
 
-def serving_precision(engine: str, cuda: bool | None = None) -> str:
+def serving_precision(engine: str, cuda: bool | None = None) -> Precision:
     """The dtype `doppel serve --engine ENGINE` runs the base model in, on this machine.
 
     It follows serving/engines: `auto` is vLLM where it is installed. On CUDA both engines
@@ -35,7 +38,7 @@ def serving_precision(engine: str, cuda: bool | None = None) -> str:
         engine = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda:
-        return str(model_dtype(cuda=True)).removeprefix("torch.")
+        return "bfloat16" if model_dtype(cuda=True) is torch.bfloat16 else "float16"
     return "bfloat16" if engine == "vllm" else "float32"
 
 

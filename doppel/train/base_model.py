@@ -102,19 +102,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def use_qlora(quantization: str, cuda: bool | None = None) -> bool:
-    """QLoRA on CUDA; plain LoRA on CPU, where 4-bit is no faster and can freeze the loss.
+    """QLoRA when the recipe asks for it, or under `auto` on CUDA; plain LoRA under `auto` on
+    CPU, where 4-bit is slower. bitsandbytes runs NF4 on CPU too, so `quantization: qlora`
+    there runs the GPU recipe's code path, slowly, as the tests do.
 
     `cuda` defaults to whether this machine has a GPU. QLoRA without bitsandbytes fails here,
     before any model loads."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if quantization == "qlora" and not cuda:
-        raise DoppelError(
-            "quantization: qlora needs a CUDA GPU",
-            "use quantization: auto (LoRA on CPU) or run on a GPU worker",
-        )
     qlora = quantization == "qlora" or (quantization == "auto" and cuda)
     if qlora:
-        require_bitsandbytes(f"quantization: {quantization} (QLoRA on CUDA)", "quantization: none")
+        require_bitsandbytes(f"quantization: {quantization} (QLoRA)", "quantization: none")
     return qlora
 
 
@@ -122,6 +119,7 @@ def load_model(path: str, qlora: bool) -> PreTrainedModel:
     """The base model for training, evaluation or serving: 4-bit NF4 for QLoRA, else full
     weights, in this machine's `model_dtype` (bf16, or fp16 on pre-Ampere GPUs; fp32 on CPU)."""
     dtype = model_dtype()
+    cuda = torch.cuda.is_available()
     if qlora:
         from transformers import BitsAndBytesConfig
 
@@ -131,11 +129,28 @@ def load_model(path: str, qlora: bool) -> PreTrainedModel:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization, dtype=dtype, device_map={"": 0}
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": 0 if cuda else "cpu"},
         )
+        if not cuda:
+            _keep_4bit_weights_trainable(model)
+        return model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if not torch.cuda.is_available():
+    if not cuda:
         return model
     # transformers wraps `to` in functools.wraps, whose stub hides the bound `self` from mypy.
     return model.to("cuda")  # type: ignore[arg-type]
+
+
+def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference at its
+    first forward pass without grad (an evaluation, a generation), after which no gradient
+    reaches the layers below and the loss stays flat. Training keeps the trainable layout."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

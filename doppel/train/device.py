@@ -35,8 +35,8 @@ def require_bitsandbytes(needed_for: str, instead: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise DoppelError(
             f"{needed_for} needs bitsandbytes, which is not installed",
-            "install the GPU dependency set: make install-gpu (or pip install -e '.[gpu]'); "
-            f"or set {instead}",
+            "make install installs it for CPU, make install-gpu with the GPU set "
+            f"(pip install -e '.[gpu]'); or set {instead}",
         )
 
 

@@ -2,12 +2,18 @@
 
 Training, evaluation and serving all go through `fit_prompt`/`encode`, so the model is
 scored and served on exactly the tokens it was trained on. The loss falls only on the
-final assistant turn: `labels` is -100 (ignored) for every context token.
+final assistant turn, up to its end-of-turn token: `labels` is -100 (ignored) for every
+context token, and what a template writes after the end of turn (ChatML's newline) is cut.
+
+A message is text, never markup: a special token's string typed into it (`<|im_start|>`,
+`<|eot_id|>`, `</s>`, whatever this tokenizer declares) is broken with a zero-width space
+before the tokenizer sees it, so no message, from Slack or from an API client, can open
+or close a turn.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -16,15 +22,33 @@ from doppel.errors import DoppelError
 from doppel.types import ChatMessage
 
 IGNORE = -100  # the label value PyTorch's cross-entropy and the trainers skip
+ZERO_WIDTH_SPACE = "\u200b"  # invisible to readers, and it splits a token's string
 
 
 def render(
     tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], *, generation: bool
 ) -> list[int]:
-    # A ChatMessage is a dict of str to str; mypy keeps TypedDicts apart from dict[str, str].
-    chat = cast("list[dict[str, str]]", messages)
+    specials = special_strings(tokenizer)
+    chat = [
+        {"role": message["role"], "content": defuse(message["content"], specials)}
+        for message in messages
+    ]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Every string this tokenizer turns into a special token, longest first."""
+    added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return sorted({*tokenizer.all_special_tokens, *added}, key=len, reverse=True)
+
+
+def defuse(text: str, specials: list[str]) -> str:
+    """`text` with each special token's string broken after its first character."""
+    for special in specials:
+        if special in text:
+            text = text.replace(special, special[0] + ZERO_WIDTH_SPACE + special[1:])
+    return text
 
 
 def fit_prompt(
@@ -67,9 +91,19 @@ def encode(
             "the chat template renders the prompt differently inside the full conversation",
             "use a base model whose chat template is prefix-stable (ChatML, Llama 3, Qwen)",
         )
-    full_ids = full_ids[:max_length]  # only a reply longer than max_length loses its end
+    full_ids = full_ids[: end_of_reply(tokenizer, full_ids, len(prompt_ids), max_length)]
     labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return {"input_ids": full_ids, "labels": labels}
+
+
+def end_of_reply(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], reply_start: int, max_length: int
+) -> int:
+    """Where the sample ends: just after the reply's end-of-turn (eos) token, or at
+    `max_length`, where only a reply longer than it loses its end."""
+    eos = tokenizer.eos_token_id
+    reply = ids[reply_start:max_length]
+    return reply_start + reply.index(eos) + 1 if eos in reply else min(len(ids), max_length)
 
 
 def encode_dataset(

@@ -138,7 +138,11 @@ def train_user(
         workspace_id,
         user_id,
         run.info.run_id,
-        tags={"dataset_digest": digest, "train_samples": str(len(dataset["train"]))},
+        tags={
+            "dataset_digest": digest,
+            "train_samples": str(len(dataset["train"])),
+            "base_model": config.base_model,
+        },
     )
     check()  # after registering too: a revoke that raced with it is finished here
     run_id_file.unlink()  # finished: a later identical request trains afresh

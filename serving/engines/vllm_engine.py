@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from doppel.config import ServeSettings, Settings
 from doppel.errors import DoppelError
+from doppel.evaluate.precision import serving_precision
 from serving.catalog import Adapter
 from serving.engines.base import AdapterStats, Delta, SamplingOptions
 
@@ -62,7 +63,7 @@ class VllmEngine:
             # One of LORA_RANKS, which are vLLM's MaxLoRARanks literals.
             max_lora_rank=cast("MaxLoRARanks", self.max_rank),
             max_model_len=self.serve.max_model_len,
-            dtype="bfloat16",
+            dtype=serving_precision("vllm", cuda),  # what the gate scored: bf16, fp16 pre-Ampere
             enforce_eager=eager,
             seed=0,
             disable_log_stats=True,
