@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from doppel.config import get_settings
-from doppel.store.database import Database
+from doppel.store.database import Database, make_engine
 from tests.helpers import skip_or_fail
 from tests.postgres import PostgresCluster
 
@@ -50,6 +51,19 @@ def db(request: pytest.FixtureRequest, doppel_home: Path) -> Iterator[Database]:
     database = Database(get_settings().db_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a database nothing has migrated yet: a SQLite file (the default) or,
+    with the indirect parameter "postgresql", a new database in the throwaway cluster."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = make_engine(url, migrate=False)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +32,8 @@ from tests.servers import free_port
 
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 BOTH_DBS = pytest.mark.parametrize("db", ["sqlite", POSTGRES], indirect=True)
-BOTH_EMPTY = pytest.mark.parametrize("empty", ["sqlite", POSTGRES], indirect=True)
+BOTH_UNMIGRATED = pytest.mark.parametrize("unmigrated", ["sqlite", POSTGRES], indirect=True)
 HEAD = "0002"
-
-
-@pytest.fixture
-def empty(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """An engine on a database nothing has migrated yet: a SQLite file or a new PostgreSQL
-    database in the throwaway cluster."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres").new_database()
-    else:
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    engine = make_engine(url, migrate=False)
-    yield engine
-    engine.dispose()
 
 
 def schema_diff(connection: Connection) -> list[Any]:
@@ -93,9 +79,9 @@ def _upgrade_together(url: str, start: Any, results: Any) -> None:
     engine.dispose()
 
 
-@BOTH_EMPTY
-def test_concurrent_upgrades_of_a_fresh_database_run_one_at_a_time(empty: Engine) -> None:
-    url = empty.url.render_as_string(hide_password=False)
+@BOTH_UNMIGRATED
+def test_concurrent_upgrades_of_a_fresh_database_run_one_at_a_time(unmigrated: Engine) -> None:
+    url = unmigrated.url.render_as_string(hide_password=False)
     spawn = multiprocessing.get_context("spawn")
     start, results = spawn.Barrier(2), spawn.Queue()
     workers = [spawn.Process(target=_upgrade_together, args=(url, start, results)) for _ in "ab"]
@@ -107,13 +93,15 @@ def test_concurrent_upgrades_of_a_fresh_database_run_one_at_a_time(empty: Engine
     outcomes = [results.get(timeout=10) for _ in workers]
     # One created the schema; the other waited for it and found it done.
     assert sorted(outcomes, key=str) == [(HEAD, HEAD), (None, HEAD)]
-    with empty.connect() as connection:
+    with unmigrated.connect() as connection:
         assert schema_diff(connection) == []
 
 
-@BOTH_EMPTY
-def test_a_database_from_before_migrations_is_stamped_and_keeps_its_rows(empty: Engine) -> None:
-    with empty.begin() as connection:
+@BOTH_UNMIGRATED
+def test_a_database_from_before_migrations_is_stamped_and_keeps_its_rows(
+    unmigrated: Engine,
+) -> None:
+    with unmigrated.begin() as connection:
         for table in Base.metadata.sorted_tables:  # what make_engine did before migrations
             table.create(connection)
         connection.execute(insert(Workspace).values(id="T1", name="acme"))
@@ -122,23 +110,23 @@ def test_a_database_from_before_migrations_is_stamped_and_keeps_its_rows(empty: 
                 workspace_id="T1", user_id="U1", granted=True, changed_by="cli:ann"
             )
         )
-    assert current_revision(empty) is None
-    assert upgrade(empty) == (None, HEAD)
-    assert current_revision(empty) == HEAD
-    with empty.connect() as connection:
+    assert current_revision(unmigrated) is None
+    assert upgrade(unmigrated) == (None, HEAD)
+    assert current_revision(unmigrated) == HEAD
+    with unmigrated.connect() as connection:
         assert schema_diff(connection) == []
         assert connection.execute(select(Workspace.id, Workspace.name)).all() == [("T1", "acme")]
         assert connection.execute(select(Enrollment.user_id)).scalars().all() == ["U1"]
 
 
-@BOTH_EMPTY
-def test_unversioned_tables_unlike_the_models_are_refused_untouched(empty: Engine) -> None:
-    with empty.begin() as connection:
+@BOTH_UNMIGRATED
+def test_unversioned_tables_unlike_the_models_are_refused_untouched(unmigrated: Engine) -> None:
+    with unmigrated.begin() as connection:
         connection.execute(text("CREATE TABLE workspaces (id VARCHAR(32) PRIMARY KEY)"))
     with pytest.raises(DoppelError, match="no migration history") as refused:
-        upgrade(empty)
+        upgrade(unmigrated)
     assert "workspaces" in refused.value.message
-    with empty.connect() as connection:
+    with unmigrated.connect() as connection:
         assert set(inspect(connection).get_table_names()) == {"workspaces"}
 
 

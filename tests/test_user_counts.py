@@ -5,7 +5,6 @@ adopts a store made before migrations."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from doppel.config import Settings, get_settings, load_settings
 from doppel.dataset.build import build_dataset, load_conversations, user_summaries
 from doppel.dataset.counts import sample_counts, user_counts
 from doppel.ingest import ingest_export
-from doppel.store.database import Database, make_engine
+from doppel.store.database import Database
 from doppel.store.models import Enrollment, Message, SampleCounts, Workspace, utcnow
 from doppel.store.records import save_messages, save_users
 from doppel.store.schema import alembic_config, current_revision, head_revision, upgrade
@@ -110,18 +109,9 @@ def test_doppel_users_shows_the_counts(db: Database, synth_zip: Path) -> None:
     assert {r["id"]: r["messages"] for r in rows if r["messages"]} == dict(messages)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """A database nothing has migrated yet."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres").new_database()
-    else:
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    engine = make_engine(url, migrate=False)
-    yield engine
-    engine.dispose()
-
-
+@pytest.mark.parametrize(
+    "unmigrated", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 def test_a_store_from_before_migrations_is_adopted_at_its_revision(unmigrated: Engine) -> None:
     with unmigrated.begin() as connection:  # the tables as DoppelBot made them before Alembic
         command.upgrade(alembic_config(connection), "0001")
